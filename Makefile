@@ -1,0 +1,41 @@
+# vipd developer entry points. `make test` and `make demo` set up everything they need on a
+# fresh Debian machine (as root: Debian packages; always: .venv with vipd installed) and
+# skip what is already there.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEB_TEST := iproute2 etcd-server curl tcpdump iperf3 procps
+DEB_DEMO := iproute2 etcd-server curl procps
+DEB_BENCH := haproxy nginx-light iperf3 wrk keepalived curl
+PYTEST_ARGS ?=
+
+.PHONY: test demo bench lint venv deb-test deb-demo deb-bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+deb-%:
+	@packaging/ensure-debs $(DEB_$(shell echo $* | tr a-z A-Z))
+
+test: deb-test venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: deb-demo venv
+	$(BIN)/vipd lab demo
+
+bench: deb-bench deb-test venv
+	$(BIN)/python -m bench
+
+lint: venv
+	$(BIN)/ruff check vipd tests bench
+	$(BIN)/ruff format --check vipd tests bench || true
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -1,0 +1,30 @@
+"""vipd's error types. Adapters translate library errors into these once, at the boundary.
+
+This module imports nothing of vipd so that every other module may import it.
+"""
+
+from __future__ import annotations
+
+
+class VipdError(Exception):
+    """Base of every error vipd raises on purpose."""
+
+
+class ConfigError(VipdError):
+    """The configuration is invalid. Carries every problem found, one line each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class NetlinkError(VipdError):
+    """A netlink operation (address add/remove, link lookup) failed."""
+
+
+class ElectionBackendError(VipdError):
+    """The lease backend could not be reached or answered with an error."""
+
+
+class ProxyError(VipdError):
+    """The load balancer could not start or serve."""

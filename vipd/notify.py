@@ -1,0 +1,17 @@
+"""systemd notification (placeholder until the operations issue lands)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from vipd.config import Config
+from vipd.state import RuntimeState
+
+
+async def run_notify(cfg: Config, state: RuntimeState, leadership: trio.MemoryReceiveChannel, *,
+                     task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    task_status.started()
+    async for _ in leadership:
+        pass

@@ -1,0 +1,1 @@
+"""The TCP load balancer: listener, splice pump, backend pool with health checks."""
