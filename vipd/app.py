@@ -19,7 +19,9 @@ This is the only module that imports every other; the CLI is the only one that i
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +30,7 @@ import trio
 
 from vipd import log
 from vipd.config import Config
+from vipd.errors import ConfigError
 from vipd.events import Fanout
 from vipd.state import RuntimeState, VipState
 
@@ -58,6 +61,13 @@ class Plan:
 
 class ShutdownTimeout(Exception):
     pass
+
+
+def _leaves(eg: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in eg.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 def default_plan(w: Wiring) -> Plan:
@@ -125,11 +135,17 @@ async def supervise(
     *,
     stop: trio.Event | None = None,
     handle_signals: bool = True,
+    hard_exit: Callable[[int], None] | None = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> int:
-    """Run until ``stop`` is set or SIGTERM/SIGINT; return the exit code."""
+    """Run until ``stop`` is set or SIGTERM/SIGINT; return the exit code.
+
+    ``hard_exit(code)`` is called when the shutdown deadline passes or a second signal
+    arrives while some cleanup is still running (a shielded cleanup cannot be abandoned
+    from inside trio); production passes ``os._exit``.
+    """
     logger = log.get("app")
-    stop = stop or trio.Event()
+    stop = trio.Event() if stop is None else stop
     forced = trio.Event()
     wiring = Wiring(cfg=cfg, state=state)
     state.vips = [VipState(address=str(v), interface=cfg.vip.interface) for v in cfg.vip.addresses]
@@ -154,14 +170,21 @@ async def supervise(
             state.last_tick = trio.current_time()
             await trio.sleep(0.5)
 
+    def record(exc: BaseException, group: str) -> None:
+        failure.append(exc)
+        if isinstance(exc, ConfigError):
+            for problem in exc.problems:
+                logger.error("config.invalid", group=group, problem=problem)
+        else:
+            logger.error("task.failed", group=group, error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+
     async def guarded(group: str, tasks: list[tuple[str, Task]], done: trio.Event | None = None,
                       *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         try:
             await _group(group, tasks, state, done, task_status=task_status)
-        except Exception as exc:  # a task failed: record it and start the shutdown
-            failure.append(exc)
-            logger.error("task.failed", group=group, error=f"{type(exc).__name__}: {exc}",
-                         exc_info=exc)
+        except* Exception as eg:  # a task failed: record it and start the shutdown
+            for exc in _leaves(eg):
+                record(exc, group)
             stop.set()
             if done is not None:
                 done.set()
@@ -185,8 +208,8 @@ async def supervise(
             scopes["proxy"] = await outer.start(guarded, "proxy", plan.proxy, proxy_done)
             scopes["election"] = await outer.start(guarded, "election", [plan.election], election_done)
         except Exception as exc:
-            failure.append(exc)
-            logger.error("startup.failed", error=f"{type(exc).__name__}: {exc}")
+            if not failure:  # a group that failed before it started has recorded why already
+                record(exc, "startup")
             stop.set()
         else:
             logger.info("started", tasks=sorted(state.ready), vips=[v.address for v in state.vips],
@@ -225,10 +248,13 @@ async def supervise(
                 logger.error("shutdown.forced_exit")
             else:
                 logger.error("shutdown.deadline_exceeded", timeout=cfg.shutdown_timeout)
+            if hard_exit is not None:
+                hard_exit(exit_code)
         outer.cancel_scope.cancel()
 
     if failure:
-        exit_code = 1
+        # A configuration problem only found at start (e.g. a missing interface) is bad input: 2.
+        exit_code = 2 if all(isinstance(f, ConfigError) for f in failure) else 1
     logger.info("shutdown.completed", exit_code=exit_code)
     return exit_code
 
@@ -239,8 +265,13 @@ def run(cfg: Config) -> int:
 
     state = RuntimeState(node=cfg.node)
 
+    def hard_exit(code: int) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
     async def main() -> int:
         async with trio_asyncio.open_loop():
-            return await supervise(cfg, state)
+            return await supervise(cfg, state, hard_exit=hard_exit)
 
     return trio.run(main)

@@ -40,11 +40,13 @@ def print_problems(problems: Sequence[str]) -> None:
         print(f"vipd: error: {line}", file=sys.stderr)
 
 
-def load_config(args: argparse.Namespace, *, require_vip: bool = True) -> config_mod.Config:
+def load_config(args: argparse.Namespace, *, require_vip: bool = True,
+                warnings: list[str] | None = None) -> config_mod.Config:
     return config_mod.load(
         file=getattr(args, "config", None),
         flags=config_mod.collect_flags(args),
         require_vip=require_vip,
+        warnings=warnings,
     )
 
 
@@ -73,8 +75,11 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    cfg = load_config(args, require_vip=False)
+    warnings: list[str] = []
+    cfg = load_config(args, warnings=warnings)
     sys.stdout.write(config_mod.render_show(cfg))
+    for line in warnings:
+        print(f"vipd: warning: {line} (vipd config check rejects this)", file=sys.stderr)
     return 0
 
 

@@ -646,8 +646,14 @@ def load(
     environ: Mapping[str, str] | None = None,
     flags: Mapping[str, Any] | None = None,
     require_vip: bool = True,
+    warnings: list[str] | None = None,
 ) -> Config:
-    """Merge the layers and build the Config, or raise ConfigError with every problem."""
+    """Merge the layers and build the Config, or raise ConfigError with every problem.
+
+    With ``warnings`` (a list), rules between fields are reported into it instead of raising:
+    ``vipd config show`` shows a configuration whose values parse even when it is not yet
+    complete, and says what ``config check`` would reject.
+    """
     environ = os.environ if environ is None else environ
     problems: list[str] = []
     layer: dict[str, _Value] = {s.key: _Value(s.default, "default") for s in FIELDS}
@@ -688,8 +694,10 @@ def load(
     if problems:
         raise ConfigError(problems)
     _cross_checks(values, sources, problems, require_vip)
-    if problems:
+    if problems and warnings is None:
         raise ConfigError(problems)
+    if warnings is not None:
+        warnings.extend(problems)
     return _build(values, sources)
 
 
@@ -945,3 +953,41 @@ def add_flags(parser: Any, specs: Sequence[FieldSpec] = FIELDS) -> None:
         else:
             parser.add_argument(spec.flag, dest=dest, default=None,
                                 metavar=spec.key.split(".")[-1].upper(), help=help_text)
+
+
+def reference_markdown() -> str:
+    """The settings table of docs/configuration.md (kept in sync by a test)."""
+
+    def default_of(spec: FieldSpec) -> str:
+        d = spec.default
+        if spec.key == "node":
+            return "hostname"
+        if d is None or d == ():
+            return "—"
+        if isinstance(d, bool):
+            return "true" if d else "false"
+        if spec.key == "vip.subnet":
+            return "32,128"
+        if isinstance(d, tuple):
+            return ", ".join(map(str, d))
+        if isinstance(d, float) and spec.parse is parse_duration:
+            return f"{d:g}s"
+        return str(d) if d != "" else '""'
+
+    rows = ["| file key | flag | VIPD_ env | kube-vip env | default | meaning |", "|---|---|---|---|---|---|"]
+    for spec in FIELDS:
+        flag = spec.flag or ""
+        if spec.kind == "bool" and flag:
+            flag = f"{flag} / --no-{flag[2:]}"
+        elif spec.kind == "list":
+            flag += " (repeatable)"
+        if spec.choices:
+            flag += " {" + ",".join(spec.choices) + "}"
+        kv = ", ".join(f"`{e.name}`" for e in spec.kubevip_env)
+        meaning = spec.help + (" (secret: redacted in show)" if spec.secret else "")
+        rows.append(f"| `{spec.key}` | `{flag}` | `{spec.vipd_env}` | {kv} | {default_of(spec)} | {meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":  # python -m vipd.config > table (docs/configuration.md is built from it)
+    print(reference_markdown(), end="")

@@ -14,8 +14,17 @@ class ConfigError(VipdError):
     """The configuration is invalid. Carries every problem found, one line each."""
 
     def __init__(self, problems: list[str]):
-        self.problems = list(problems)
+        self.problems = [_one_line(p) for p in problems]
         super().__init__("\n".join(self.problems))
+
+
+def _one_line(text: str) -> str:
+    """Escape control and line-separator characters so each problem stays one line."""
+    import unicodedata
+
+    return "".join(
+        repr(ch)[1:-1] if unicodedata.category(ch) in ("Cc", "Zl", "Zp") else ch for ch in text
+    )
 
 
 class NetlinkError(VipdError):

@@ -72,4 +72,4 @@ class RuntimeState:
 
     @property
     def is_ready(self) -> bool:
-        return not self.stopping and self.expected <= self.ready
+        return bool(self.expected) and not self.stopping and self.expected <= self.ready

@@ -1,0 +1,166 @@
+"""Supervisor start order, shutdown order, deadlines and failure exit codes (MockClock)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from vipd import app, config
+from vipd.errors import ConfigError
+from vipd.events import Leadership
+from vipd.state import RuntimeState
+
+
+def make_cfg(**flags: Any) -> config.Config:
+    base = {"vip.address": ["10.0.0.5"], "election.backend": "none", "proxy.enabled": False}
+    base.update(flags)
+    return config.load(environ={}, flags=base)
+
+
+class Recorder:
+    """Fake tasks that log what happens to them, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def task(self, name: str, *, cleanup: float = 0.0, fail: BaseException | None = None,
+             fail_before_start: bool = False) -> app.Task:
+        async def run(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            if fail is not None and fail_before_start:
+                raise fail
+            self.events.append(f"start {name}")
+            task_status.started()
+            try:
+                if fail is not None:
+                    await trio.sleep(1)
+                    raise fail
+                await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True):
+                    if cleanup:
+                        await trio.sleep(cleanup)
+                    self.events.append(f"stop {name}")
+
+        return run
+
+
+def plan_of(rec: Recorder, **overrides: app.Task) -> Any:
+    def factory(w: app.Wiring) -> app.Plan:
+        async def election(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            rec.events.append("start election")
+            task_status.started()
+            await w.leadership.send(Leadership(True, "n1", 1, reason="acquired"))
+            try:
+                await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await w.vip_released.wait()
+                    rec.events.append("release lease")
+
+        tasks = {
+            "status": rec.task("status"),
+            "address": rec.task("address", cleanup=0.2),
+            "announce": rec.task("announce"),
+            "proxy": rec.task("proxy", cleanup=1.0),
+            "election": election,
+        }
+        tasks.update(overrides)
+        return app.Plan(
+            services=[("status", tasks["status"])],
+            vip=[("address", tasks["address"]), ("announce", tasks["announce"])],
+            proxy=[("proxy", tasks["proxy"])],
+            election=("election", tasks["election"]),
+        )
+
+    return factory
+
+
+async def run_until(cfg: config.Config, factory: Any, stop_after: float | None,
+                    hard_exit: Any = None) -> tuple[int, RuntimeState]:
+    state = RuntimeState(node=cfg.node)
+    stop = trio.Event()
+    result: list[int] = []
+    async with trio.open_nursery() as nursery:
+        async def go() -> None:
+            result.append(await app.supervise(cfg, state, factory, stop=stop, handle_signals=False,
+                                              hard_exit=hard_exit))
+
+        nursery.start_soon(go)
+        if stop_after is not None:
+            await trio.sleep(stop_after)
+            assert state.is_ready, (state.ready, state.expected)
+            stop.set()
+    return result[0], state
+
+
+@pytest.fixture
+def mock_clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+async def test_start_order_and_shutdown_order(mock_clock: trio.testing.MockClock) -> None:
+    rec = Recorder()
+    code, state = await run_until(make_cfg(), plan_of(rec), stop_after=5)
+    assert code == 0
+    starts = [e for e in rec.events if e.startswith("start")]
+    assert starts == ["start status", "start address", "start announce", "start proxy", "start election"]
+    # The VIP is off the interface before the lease is released; services stop last.
+    assert rec.events.index("stop address") < rec.events.index("release lease")
+    assert rec.events.index("release lease") < rec.events.index("stop status")
+    assert rec.events[-1] == "stop status"
+    assert state.ready == set()
+
+
+async def test_proxy_drain_does_not_delay_handover(mock_clock: trio.testing.MockClock) -> None:
+    rec = Recorder()
+    await run_until(make_cfg(), plan_of(rec), stop_after=5)
+    # proxy drains for 1 s; the lease release (0.2 s after stop) must not wait for it
+    assert rec.events.index("release lease") < rec.events.index("stop proxy")
+
+
+async def test_shutdown_deadline_exceeded_exits_1(mock_clock: trio.testing.MockClock) -> None:
+    rec = Recorder()
+    cfg = make_cfg(shutdown_timeout="3s", **{"proxy.drain_timeout": "1s"})
+    start = trio.current_time()
+    exits: list[tuple[int, float]] = []
+    code, _ = await run_until(cfg, plan_of(rec, address=rec.task("address", cleanup=60)), stop_after=1,
+                              hard_exit=lambda c: exits.append((c, trio.current_time() - start)))
+    assert code == 1
+    # The process is told to exit hard at the deadline, not after the 60 s cleanup.
+    assert exits == [(1, pytest.approx(1 + 3))]
+
+
+async def test_task_failure_stops_everything_and_exits_1(mock_clock: trio.testing.MockClock) -> None:
+    rec = Recorder()
+    code, _ = await run_until(make_cfg(), plan_of(rec, proxy=rec.task("proxy", fail=OSError("boom"))),
+                              stop_after=None)
+    assert code == 1
+    assert "stop address" in rec.events and "release lease" in rec.events
+    assert rec.events.index("stop address") < rec.events.index("release lease")
+
+
+async def test_config_error_at_start_exits_2(mock_clock: trio.testing.MockClock) -> None:
+    rec = Recorder()
+    bad = rec.task("address", fail=ConfigError(["vip.interface (flag --interface): 'eth9' does not exist"]),
+                   fail_before_start=True)
+    code, _ = await run_until(make_cfg(), plan_of(rec, address=bad), stop_after=None)
+    assert code == 2
+    assert "start election" not in rec.events  # nothing after the failed group started
+
+
+async def test_readiness_follows_tasks(mock_clock: trio.testing.MockClock) -> None:
+    rec = Recorder()
+    cfg = make_cfg()
+    state = RuntimeState(node=cfg.node)
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        assert not state.is_ready
+        await nursery.start(lambda task_status: app.supervise(cfg, state, plan_of(rec), stop=stop,
+                                                               handle_signals=False, task_status=task_status))
+        assert state.is_ready
+        assert state.last_tick > 0 or trio.current_time() == 0
+        stop.set()
+    assert not state.is_ready and state.stopping
