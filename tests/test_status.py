@@ -269,3 +269,67 @@ async def test_daemon_readyz_flips_and_metrics_scrape_and_notify():
                 assert (await client.get("/livez")).status_code == 200
                 drain.set()
         assert result == [0]
+
+
+# --------------------------------------------------------------------------------------------
+# `vipd status`.
+# --------------------------------------------------------------------------------------------
+
+
+def test_status_endpoint_resolution(tmp_path):
+    from vipd.errors import ConfigError
+    from vipd.statuscmd import endpoint_from
+
+    assert endpoint_from(None, {}) == "http://127.0.0.1:2112"
+    assert endpoint_from(None, {"prometheus_server": ":2113"}) == "http://127.0.0.1:2113"
+    assert endpoint_from(None, {"VIPD_STATUS_LISTEN": "[::]:2114", "prometheus_server": ":1"}) == "http://[::1]:2114"
+    f = tmp_path / "vipd.yaml"
+    f.write_text("status:\n  listen: 127.0.0.2:2115\nvip:\n  address: [not-validated-here]\n")
+    assert endpoint_from(str(f), {}) == "http://127.0.0.2:2115"
+    with pytest.raises(ConfigError, match="disabled"):
+        endpoint_from(None, {"VIPD_STATUS_LISTEN": ""})
+
+
+def test_status_render_table():
+    from vipd.statuscmd import render
+
+    text = render(status_document(busy_state()), "yes")
+    lines = text.splitlines()
+    assert lines[0].split() == ["node", "node-a"] and lines[1].split() == ["role", "leader"]
+    assert "192.0.2.10/32     eth0       yes" in text
+    assert any(line.split() == ["10.0.0.11:6444", "yes", "2"] for line in lines)
+    assert any(line.split() == ["10.0.0.12:6444", "no", "0"] for line in lines)
+
+
+async def test_status_command_against_live_server(capsys):
+    from vipd.cli import main
+
+    state = busy_state()
+    state.last_tick = trio.current_time()
+    state.expected.add("proxy")
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            port = await start_server(nursery, state)
+            url = f"http://127.0.0.1:{port}"
+            capsys.readouterr()  # the server's own log lines
+            assert await trio.to_thread.run_sync(main, ["status", "--endpoint", url]) == 0
+            out = capsys.readouterr().out
+            assert "leader" in out and "ready   no (waiting for proxy)" in out
+            assert await trio.to_thread.run_sync(main, ["status", "--endpoint", url, "--json"]) == 0
+            assert json.loads(capsys.readouterr().out) == status_document(state)
+            # Something that is not vipd at that address (here: vipd's own /metrics path as a base).
+            assert await trio.to_thread.run_sync(main, ["status", "--endpoint", url + "/metrics"]) == 1
+            assert "HTTP 404" in capsys.readouterr().err
+            nursery.cancel_scope.cancel()
+
+
+async def test_status_command_unreachable_exits_1():
+    import sys
+
+    with trio.fail_after(30):
+        # Port 1 on loopback: nothing listens there, the connection is refused at once.
+        proc = await trio.run_process([sys.executable, "-m", "vipd", "status", "--endpoint", "http://127.0.0.1:1"],
+                                      capture_stdout=True, capture_stderr=True, check=False)
+    assert proc.returncode == 1
+    err = proc.stderr.decode().strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vipd: error: cannot reach the daemon at http://127.0.0.1:1")
