@@ -1,0 +1,240 @@
+"""KubeLeaseBackend through the real kubernetes-asyncio client over HTTPS, against the fake
+apiserver of tests/kube_fixtures.py (which enforces resourceVersion, AlreadyExists, MicroTime)."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections.abc import AsyncIterator
+from typing import Any
+
+import kube_fixtures
+import pytest
+import trio
+import trio_asyncio
+from kube_fixtures import MICROTIME_RE, FakeApiServer, kube_config
+
+from vipd.election.backend import BackendUnavailable, LeaseConflict, LeaseRecord
+from vipd.election.kube import KubeLeaseBackend, micro_time, record_from_lease
+
+fake_apiserver = kube_fixtures.fake_apiserver  # the fixture, used by name
+NS, NAME = "kube-system", "vipd-test-lock"
+
+
+@contextlib.asynccontextmanager
+async def backends(fake: FakeApiServer, *nodes: str, **flags: Any) -> AsyncIterator[list[KubeLeaseBackend]]:
+    """Backends for ``nodes`` inside one trio-asyncio loop (as vipd.app.run has it)."""
+    async with trio_asyncio.open_loop():
+        made = [KubeLeaseBackend(kube_config(fake, node=n, **flags)) for n in nodes]
+        try:
+            yield made
+        finally:
+            for b in made:
+                await b.aclose()
+
+
+def soon(seconds: float = 5.0) -> float:
+    return trio.current_time() + seconds
+
+
+def test_micro_time_always_has_six_fractional_digits() -> None:
+    whole = dt.datetime(2024, 5, 1, 12, 0, 0, 0, tzinfo=dt.UTC)
+    assert micro_time(whole) == "2024-05-01T12:00:00.000000Z"
+    local = dt.datetime(2024, 5, 1, 14, 0, 0, 5, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    assert micro_time(local) == "2024-05-01T12:00:00.000005Z"
+    assert MICROTIME_RE.match(micro_time())
+
+
+def test_malformed_records_parse_leniently() -> None:
+    bad = record_from_lease({"metadata": {"resourceVersion": "7"},
+                             "spec": {"holderIdentity": 5, "leaseDurationSeconds": -3,
+                                      "leaseTransitions": "x", "renewTime": "garbage"}})
+    assert bad == LeaseRecord(holder=None, version="7", term=0, lease_duration=None)
+    assert record_from_lease(None) == LeaseRecord(holder=None, version="", term=0)
+    assert record_from_lease({"spec": {"holderIdentity": ""}}).holder is None
+
+
+async def test_create_on_404_then_renew(fake_apiserver: FakeApiServer) -> None:
+    with trio.fail_after(20):
+        async with backends(fake_apiserver, "node-a") as (a,):
+            assert await a.observe(soon()) is None
+            rec = await a.acquire(None, soon())
+            assert (rec.holder, rec.term, rec.lease_duration) == ("node-a", 0, 2.0)
+            stored = fake_apiserver.lease(NS, NAME)
+            assert stored is not None
+            spec = stored["spec"]
+            assert MICROTIME_RE.match(spec["acquireTime"]) and MICROTIME_RE.match(spec["renewTime"])
+            assert spec["leaseDurationSeconds"] == 2 and spec["leaseTransitions"] == 0
+            renewed = await a.renew(rec, soon())
+            assert renewed.version != rec.version and renewed.holder == "node-a"
+            assert renewed.term == 0
+            assert fake_apiserver.lease(NS, NAME)["spec"]["acquireTime"] == spec["acquireTime"]
+            assert await a.observe(soon()) == renewed
+
+
+async def test_library_timestamps_are_refused_by_the_fake(fake_apiserver: FakeApiServer) -> None:
+    """Why kube.py formats MicroTime itself: the library's isoformat() drops the fraction."""
+    from kubernetes_asyncio import client as k8s
+
+    from vipd.kubeclient import open_api_client
+
+    async def create_typed() -> int:
+        async with open_api_client(fake_apiserver.kubeconfig) as api:
+            whole = dt.datetime(2024, 5, 1, 12, 0, 0, 0, tzinfo=dt.UTC)
+            lease = k8s.V1Lease(metadata=k8s.V1ObjectMeta(name="typed"),
+                                spec=k8s.V1LeaseSpec(holder_identity="x", renew_time=whole))
+            try:
+                await k8s.CoordinationV1Api(api).create_namespaced_lease(NS, lease)
+            except k8s.ApiException as exc:
+                return int(exc.status)
+            return 201
+
+    with trio.fail_after(20):
+        async with trio_asyncio.open_loop():
+            assert await trio_asyncio.aio_as_trio(create_typed)() == 400
+
+
+async def test_stale_version_is_a_conflict(fake_apiserver: FakeApiServer) -> None:
+    with trio.fail_after(20):
+        async with backends(fake_apiserver, "node-a") as (a,):
+            rec = await a.acquire(None, soon())
+            fake_apiserver.set_lease(NS, NAME, holder="node-b", lease_duration_seconds=2,
+                                     lease_transitions=1)
+            with pytest.raises(LeaseConflict):
+                await a.renew(rec, soon())
+            seen = await a.observe(soon())
+            assert seen is not None and (seen.holder, seen.term) == ("node-b", 1)
+
+
+async def test_create_race_already_exists_is_a_conflict(fake_apiserver: FakeApiServer) -> None:
+    with trio.fail_after(20):
+        async with backends(fake_apiserver, "node-a") as (a,):
+            assert await a.observe(soon()) is None
+            fake_apiserver.set_lease(NS, NAME, holder="node-b", lease_duration_seconds=2)
+            with pytest.raises(LeaseConflict):
+                await a.acquire(None, soon())
+            assert fake_apiserver.lease(NS, NAME)["spec"]["holderIdentity"] == "node-b"
+
+
+async def test_takeover_counts_a_transition(fake_apiserver: FakeApiServer) -> None:
+    fake_apiserver.set_lease(NS, NAME, holder="node-b", lease_duration_seconds=15,
+                             lease_transitions=3, acquire_time="2020-01-01T00:00:00.000000Z")
+    with trio.fail_after(20):
+        async with backends(fake_apiserver, "node-a") as (a,):
+            seen = await a.observe(soon())
+            assert seen is not None and seen.holder == "node-b"
+            rec = await a.acquire(seen, soon())
+            assert (rec.holder, rec.term) == ("node-a", 4)
+            spec = fake_apiserver.lease(NS, NAME)["spec"]
+            assert spec["acquireTime"] != "2020-01-01T00:00:00.000000Z"
+            assert spec["leaseTransitions"] == 4
+
+
+async def test_malformed_record_is_taken_over(fake_apiserver: FakeApiServer) -> None:
+    fake_apiserver.set_lease(NS, NAME, raw_spec={"holderIdentity": None, "leaseDurationSeconds": -5,
+                                                 "renewTime": "garbage", "acquireTime": 12,
+                                                 "leaseTransitions": "x"})
+    with trio.fail_after(20):
+        async with backends(fake_apiserver, "node-a") as (a,):
+            seen = await a.observe(soon())
+            assert seen is not None and seen.holder is None and seen.lease_duration is None
+            rec = await a.acquire(seen, soon())
+            assert (rec.holder, rec.term) == ("node-a", 1)
+
+
+async def test_release_clears_holder_and_next_node_acquires(fake_apiserver: FakeApiServer) -> None:
+    with trio.fail_after(20):
+        async with backends(fake_apiserver, "node-a", "node-b") as (a, b):
+            rec = await a.acquire(None, soon())
+            rec = await a.renew(rec, soon())
+            await a.release(rec, soon())
+            spec = fake_apiserver.lease(NS, NAME)["spec"]
+            assert "holderIdentity" not in spec and spec["leaseTransitions"] == 0
+            seen = await b.observe(soon())
+            assert seen is not None and seen.holder is None
+            got = await b.acquire(seen, soon())
+            assert (got.holder, got.term) == ("node-b", 1)
+            # a's release of a lease it no longer holds leaves b's lease alone
+            await a.release(rec, soon())
+            assert fake_apiserver.lease(NS, NAME)["spec"]["holderIdentity"] == "node-b"
+
+
+async def test_release_with_stale_record_retries_once(fake_apiserver: FakeApiServer) -> None:
+    with trio.fail_after(20):
+        async with backends(fake_apiserver, "node-a") as (a,):
+            first = await a.acquire(None, soon())
+            await a.renew(first, soon())  # `first` is now stale
+            await a.release(first, soon())
+            assert "holderIdentity" not in fake_apiserver.lease(NS, NAME)["spec"]
+
+
+async def test_forbidden_is_unavailable_and_marked(fake_apiserver: FakeApiServer) -> None:
+    fake_apiserver.mode = "forbidden"
+    with trio.fail_after(20):
+        async with backends(fake_apiserver, "node-a") as (a,):
+            with pytest.raises(BackendUnavailable) as info:
+                await a.observe(soon())
+            assert info.value.forbidden
+            with pytest.raises(BackendUnavailable) as info:
+                await a.acquire(None, soon())
+            assert info.value.forbidden
+            fake_apiserver.mode = "ok"  # RBAC bound: the same client now works
+            assert await a.observe(soon()) is None
+
+
+async def test_server_error_is_unavailable(fake_apiserver: FakeApiServer) -> None:
+    fake_apiserver.mode = "fail"
+    with trio.fail_after(20):
+        async with backends(fake_apiserver, "node-a") as (a,):
+            with pytest.raises(BackendUnavailable) as info:
+                await a.observe(soon())
+            assert not info.value.forbidden
+
+
+async def test_hung_server_surfaces_by_the_deadline(fake_apiserver: FakeApiServer) -> None:
+    with trio.fail_after(20):
+        async with backends(fake_apiserver, "node-a") as (a,):
+            rec = await a.acquire(None, soon())  # client and connection pool are warm
+            fake_apiserver.mode = "hang"
+            for call in (lambda d: a.observe(d), lambda d: a.renew(rec, d)):
+                deadline = trio.current_time() + 0.6
+                with pytest.raises(BackendUnavailable):
+                    await call(deadline)
+                # trio's cancellation is prompt; the margin is for a loaded 2-core box
+                assert trio.current_time() < deadline + 0.5
+            fake_apiserver.mode = "ok"
+            seen = await a.observe(soon())
+            assert seen is not None and seen.holder == "node-a"
+
+
+async def test_deadline_in_the_past_fails_at_once(fake_apiserver: FakeApiServer) -> None:
+    with trio.fail_after(20):
+        async with backends(fake_apiserver, "node-a") as (a,):
+            with pytest.raises(BackendUnavailable):
+                await a.observe(trio.current_time() - 1)
+            assert fake_apiserver.requests == []
+
+
+async def test_missing_kubeconfig_is_unavailable_until_it_appears(fake_apiserver: FakeApiServer,
+                                                                   tmp_path: Any) -> None:
+    later = tmp_path / "later-admin.conf"
+    with trio.fail_after(20):
+        async with backends(fake_apiserver, "node-a",
+                            **{"election.kubernetes.kubeconfig": str(later)}) as (a,):
+            with pytest.raises(BackendUnavailable):
+                await a.observe(soon())
+            fake_apiserver.write_kubeconfig(later, auth="token")
+            assert await a.observe(soon()) is None
+
+
+async def test_api_server_override_keeps_kubeconfig_credentials(tmp_path: Any) -> None:
+    """The kubeconfig names an unreachable host; --api-server points at the local apiserver,
+    whose certificate names only that host (not 127.0.0.1): TLS still verifies."""
+    with FakeApiServer(tmp_path, cert_names=("cp.vipd.test",),
+                       kubeconfig_server="https://cp.vipd.test:1") as fake, trio.fail_after(20):
+        async with backends(fake, "node-a", **{"election.kubernetes.api_server": fake.url}) as (a,):
+            assert await a.observe(soon()) is None
+            await a.acquire(None, soon())
+        async with backends(fake, "node-b") as (b,):
+            with pytest.raises(BackendUnavailable):
+                await b.observe(soon())
