@@ -1,19 +1,262 @@
-"""Announcer (placeholder until the wire issue lands)."""
+"""Announcer: tells every host on the segment that the VIP now lives at this node's MAC.
+
+Owns: the frames (gratuitous ARP request and reply for IPv4 VIPs, unsolicited Neighbor
+Advertisement for IPv6 VIPs), the schedule (a burst at once, repeats that beat the neighbour
+locktime, then a periodic refresh that keeps switch FDB entries alive), and a thin sender on a
+trio ``AF_PACKET`` socket. It starts on ``VipChange(present=True)`` and stops at once on
+``VipChange(present=False)``; the address task sends those only after the kernel confirmed.
+
+Must never: add or remove addresses (netlink.py does), block the trio loop (scapy's own
+sockets block: scapy only builds bytes here), or log per packet above debug.
+
+Layout: ``garp``/``unsolicited_na``/``frames_for`` and ``AnnounceSchedule`` are pure (no I/O,
+no clock: they take ``now``); ``PacketSender`` and ``run_announcer`` are the I/O shell.
+See docs/announce.md for what is sent when, and why.
+"""
 
 from __future__ import annotations
 
+import ipaddress
+import math
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import trio
 
-from vipd.config import Config
+from vipd import log
+from vipd.config import Config, Vip
+from vipd.events import VipChange
 from vipd.state import RuntimeState
+
+# --------------------------------------------------------------------------------------------
+# Pure frame builders.
+# --------------------------------------------------------------------------------------------
+
+ARP_REQUEST, ARP_REPLY = 1, 2
+BROADCAST = "ff:ff:ff:ff:ff:ff"
+ALL_NODES_MAC = "33:33:00:00:00:01"  # ff02::1 mapped to Ethernet (RFC 2464)
+MIN_FRAME = 60  # Ethernet minimum without FCS; pad ARP so every NIC sends the same bytes
+
+
+def _mac_str(mac: bytes | str) -> str:
+    return mac if isinstance(mac, str) else ":".join(f"{b:02x}" for b in mac)
+
+
+def garp(mac: bytes | str, ip: str, op: int = ARP_REQUEST) -> bytes:
+    """Gratuitous ARP (RFC 5227 announcement): broadcast, sender = target = VIP.
+
+    Request: target hardware address zero (RFC 5227). Reply: target hardware broadcast
+    (what MetalLB and kube-vip send). Both padded to the 60-byte Ethernet minimum.
+    """
+    from scapy.layers.l2 import ARP, Ether
+    from scapy.packet import Padding
+
+    src = _mac_str(mac)
+    tha = "00:00:00:00:00:00" if op == ARP_REQUEST else BROADCAST
+    frame = Ether(dst=BROADCAST, src=src, type=0x0806) / ARP(
+        hwtype=1, ptype=0x0800, hwlen=6, plen=4, op=op, hwsrc=src, psrc=ip, hwdst=tha, pdst=ip
+    )
+    raw = bytes(frame)
+    return bytes(frame / Padding(load=b"\x00" * (MIN_FRAME - len(raw)))) if len(raw) < MIN_FRAME else raw
+
+
+def unsolicited_na(mac: bytes | str, ip: str) -> bytes:
+    """Unsolicited Neighbor Advertisement (RFC 4861 7.2.6): to ff02::1, hop limit 255,
+    R=0 S=0 O=1 (override existing entries), Target Link-Layer Address option = our MAC."""
+    from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6NDOptDstLLAddr, IPv6
+    from scapy.layers.l2 import Ether
+
+    src = _mac_str(mac)
+    vip = ipaddress.IPv6Address(ip).compressed
+    frame = (
+        Ether(dst=ALL_NODES_MAC, src=src, type=0x86DD)
+        / IPv6(src=vip, dst="ff02::1", hlim=255)
+        / ICMPv6ND_NA(R=0, S=0, O=1, tgt=vip)
+        / ICMPv6NDOptDstLLAddr(lladdr=src)
+    )
+    return bytes(frame)
+
+
+@dataclass(frozen=True)
+class Frame:
+    kind: str  # garp-request | garp-reply | unsolicited-na
+    address: str
+    data: bytes
+
+
+def frames_for(vips: Sequence[Vip], mac: bytes | str) -> list[Frame]:
+    """One announcement round: request + reply per IPv4 VIP, one NA per IPv6 VIP."""
+    out: list[Frame] = []
+    for vip in vips:
+        if vip.family == socket.AF_INET:
+            out.append(Frame("garp-request", vip.address, garp(mac, vip.address, ARP_REQUEST)))
+            out.append(Frame("garp-reply", vip.address, garp(mac, vip.address, ARP_REPLY)))
+        else:
+            out.append(Frame("unsolicited-na", vip.address, unsolicited_na(mac, vip.address)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Pure schedule.
+# --------------------------------------------------------------------------------------------
+
+# Offsets after acquiring: 1.1 s apart beats Linux's neighbour locktime (1 s), inside which a
+# second update to an entry is ignored; five rounds over 4.4 s ride out a lost frame or a
+# switch port still coming up (MetalLB sends for 5 s at 1.1 s).
+REPEATS: tuple[float, ...] = (0.0, 1.1, 2.2, 3.3, 4.4)
+
+
+class AnnounceSchedule:
+    """When to send the next round. No clock: every call takes ``now`` (trio time)."""
+
+    def __init__(self, refresh: float, repeats: Sequence[float] = REPEATS) -> None:
+        self.refresh = refresh
+        self.repeats = tuple(repeats)
+        self.origin: float | None = None
+        self._next: float | None = None
+        self._index = 0  # index into repeats of the next round; past the end: refresh rounds
+
+    @property
+    def active(self) -> bool:
+        return self.origin is not None
+
+    @property
+    def next_due(self) -> float | None:
+        return self._next
+
+    def start(self, now: float) -> None:
+        """(Re)start from a burst at ``now`` (acquired, restored, link up)."""
+        self.origin, self._index, self._next = now, 0, now
+
+    def stop(self) -> None:
+        self.origin = self._next = None
+
+    def pop_due(self, now: float) -> str | None:
+        """If a round is due, return its kind (burst | repeat | refresh) and move on."""
+        if self._next is None or now < self._next or self.origin is None:
+            return None
+        kind = "burst" if self._index == 0 else ("repeat" if self._index < len(self.repeats) else "refresh")
+        self._index += 1
+        # Skip rounds we are too late for (a stalled loop must not fire a backlog at once).
+        while self._index < len(self.repeats) and self.origin + self.repeats[self._index] <= now:
+            self._index += 1
+        if self._index < len(self.repeats):
+            self._next = self.origin + self.repeats[self._index]
+        elif self.refresh > 0:
+            last = self.origin + self.repeats[-1]
+            periods = max(1, math.floor((now - last) / self.refresh) + 1)
+            self._next = last + periods * self.refresh
+        else:
+            self._next = None
+        return kind
+
+
+# --------------------------------------------------------------------------------------------
+# I/O shell.
+# --------------------------------------------------------------------------------------------
+
+
+class PacketSender:
+    """A trio AF_PACKET/SOCK_RAW socket bound to (ifname, 0): sends frames, receives nothing."""
+
+    def __init__(self, ifname: str) -> None:
+        self.ifname = ifname
+        self.sock = trio.socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        try:
+            self.sock.bind((ifname, 0))
+        except OSError:
+            self.sock.close()
+            raise
+        self.mac: bytes = self.sock.getsockname()[4]
+
+    async def send(self, frame: bytes) -> None:
+        await self.sock.send(frame)
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 async def run_announcer(
     cfg: Config, state: RuntimeState, vip_changes: trio.MemoryReceiveChannel, *,
     task_status: Any = trio.TASK_STATUS_IGNORED,
+    open_sender: Callable[[str], PacketSender] = PacketSender,
 ) -> None:
+    """Announce while the address task says the VIPs are present (see module doc).
+
+    ``open_sender`` exists for tests (a recording fake under MockClock).
+    """
+    logger = log.get("announce")
+    schedule = AnnounceSchedule(cfg.announce.refresh)
+    sender: PacketSender | None = None
+    frames: list[Frame] = []
+    failing = False
+
+    async def send_round(kind: str) -> None:
+        nonlocal failing
+        assert sender is not None
+        for frame in frames:
+            try:
+                await sender.send(frame.data)
+            except OSError as exc:
+                state.announce.errors += 1
+                logger.debug("announce.send_failed", kind=frame.kind, address=frame.address,
+                             interface=sender.ifname, error=exc.strerror or str(exc))
+                if not failing:
+                    failing = True
+                    logger.warning("announce.failing", interface=sender.ifname,
+                                   error=exc.strerror or str(exc))
+                continue
+            state.announce.sent += 1
+            logger.debug("announce.sent", kind=frame.kind, round=kind, address=frame.address,
+                         interface=sender.ifname)
+            if failing:
+                failing = False
+                logger.info("announce.recovered", interface=sender.ifname)
+
+    def stop() -> None:
+        nonlocal sender
+        schedule.stop()
+        if sender is not None:
+            sender.close()
+            sender = None
+
     task_status.started()
-    async for _change in vip_changes:
-        pass
+    try:
+        async with vip_changes:
+            while True:
+                due = schedule.next_due
+                if due is not None:
+                    now = trio.current_time()
+                    kind = schedule.pop_due(now)
+                    if kind is not None:
+                        await send_round(kind)
+                        continue
+                change: VipChange | None = None
+                with trio.move_on_at(due if due is not None else math.inf):
+                    try:
+                        change = await vip_changes.receive()
+                    except trio.EndOfChannel:
+                        return
+                if change is None:
+                    continue
+                if change.present:
+                    if sender is None or sender.ifname != change.interface:
+                        stop()
+                        try:
+                            sender = open_sender(change.interface)
+                        except OSError as exc:
+                            state.announce.errors += 1
+                            logger.error("announce.socket_failed", interface=change.interface,
+                                         error=exc.strerror or str(exc))
+                            continue
+                        frames = frames_for(cfg.vip.addresses, sender.mac)
+                    schedule.start(trio.current_time())
+                    logger.info("announce.started", interface=change.interface, reason=change.reason,
+                                mac=_mac_str(sender.mac))
+                elif schedule.active or sender is not None:
+                    stop()
+                    logger.info("announce.stopped", interface=change.interface, reason=change.reason)
+    finally:
+        stop()
