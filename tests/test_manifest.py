@@ -1,0 +1,250 @@
+"""Static pod manifests: golden files, V1Pod round trips, the origin's kubeadm flags.
+
+Golden files live in tests/golden/. After an intended change, regenerate them with
+
+    VIPD_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_manifest.py
+
+and review the diff. The package version is written as @VERSION@ in the golden files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.kube_fixtures import FakeApiServer
+from vipd import __version__
+from vipd import config as config_mod
+from vipd.cli import main
+
+GOLDEN = Path(__file__).parent / "golden"
+UPDATE = os.environ.get("VIPD_UPDATE_GOLDEN") == "1"
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    normalised = text
+    for form in ("vipd {}", "vipd:{}", "version: {}"):
+        normalised = normalised.replace(form.format(__version__), form.format("@VERSION@"))
+    if UPDATE:
+        path.write_text(normalised)
+    assert path.exists(), f"{path} missing; run with VIPD_UPDATE_GOLDEN=1 to create it"
+    assert normalised == path.read_text(), f"{name} differs from the golden file (VIPD_UPDATE_GOLDEN=1 regenerates)"
+
+
+def v1pod_round_trip(text: str) -> dict:
+    """Parse with kubernetes-asyncio's V1Pod model and serialise back: nothing may be lost."""
+    from kubernetes_asyncio.client import ApiClient
+
+    data = yaml.safe_load(text)
+
+    async def convert():
+        api = ApiClient()
+        try:
+            pod = api._ApiClient__deserialize(data, "V1Pod")
+            return pod, api.sanitize_for_serialization(pod)
+        finally:
+            await api.close()
+
+    pod, back = asyncio.run(convert())
+    assert back == data
+    assert pod.kind == "Pod" and pod.metadata.name == "vipd" and pod.metadata.namespace == "kube-system"
+    assert pod.spec.host_network is True
+    assert pod.spec.priority_class_name == "system-node-critical"
+    c = pod.spec.containers[0]
+    assert c.args == ["start"]
+    assert c.security_context.capabilities.drop == ["ALL"]
+    assert {"NET_ADMIN", "NET_RAW"} <= set(c.security_context.capabilities.add)
+    assert all(m.read_only for m in c.volume_mounts or [])
+    return data
+
+
+def env_of(data: dict) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in data["spec"]["containers"][0].get("env", [])}
+
+
+def reload_from_env(data: dict) -> config_mod.Config:
+    """What vipd inside the pod will run with (the image has no other configuration)."""
+    return config_mod.load(environ=env_of(data))
+
+
+# --------------------------------------------------------------------------------------------
+# vipd manifest pod
+# --------------------------------------------------------------------------------------------
+
+POD_ARGS = ["manifest", "pod", "--address", "192.0.2.10", "--interface", "ens192", "--discovery", "peers",
+            "--peer", "cp1:192.0.2.21:6444", "--peer", "cp2:192.0.2.22:6444",
+            "--lease-duration", "5s", "--renew-deadline", "3s", "--retry-period", "1s",
+            "--announce-refresh", "500ms", "--status-listen", "127.0.0.1:2112"]
+
+
+def test_manifest_pod_golden_and_round_trip(capsys, monkeypatch):
+    for name in [k for k in os.environ if k.startswith("VIPD_")]:
+        monkeypatch.delenv(name)
+    code, out, err = run_cli(capsys, *POD_ARGS)
+    assert code == 0, err
+    check_golden("manifest-pod.yaml", out)
+    data = v1pod_round_trip(out)
+    c = data["spec"]["containers"][0]
+    assert c["image"] == f"ghcr.io/vipd/vipd:{__version__}"
+    assert c["livenessProbe"]["httpGet"] == {"host": "127.0.0.1", "path": "/livez", "port": 2112}
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert data["spec"]["volumes"] == [{"name": "kubeconfig",
+                                        "hostPath": {"path": "/etc/kubernetes/admin.conf", "type": "File"}}]
+    assert "VIPD_NODE" not in env_of(data)  # one manifest fits every node
+
+    # The env reproduces the configuration that was asked for.
+    cfg = reload_from_env(data)
+    wanted = config_mod.load(environ={}, flags=config_mod.collect_flags(
+        __import__("vipd.cli", fromlist=["build_parser"]).build_parser().parse_args(POD_ARGS)))
+    got, exp = config_mod.effective_values(cfg), config_mod.effective_values(wanted)
+    assert got == exp
+
+
+def test_manifest_pod_bootstrap_mounts_super_admin(capsys):
+    code, out, _ = run_cli(capsys, "manifest", "pod", "--address", "192.0.2.10", "--backend", "192.0.2.21:6444",
+                           "--bootstrap", "--image", "registry.example/vipd:test")
+    assert code == 0
+    check_golden("manifest-pod-bootstrap.yaml", out)
+    data = v1pod_round_trip(out)
+    assert data["spec"]["volumes"][0]["hostPath"]["path"] == "/etc/kubernetes/super-admin.conf"
+    assert data["spec"]["containers"][0]["volumeMounts"][0]["mountPath"] == "/etc/kubernetes/admin.conf"
+    assert "sed -i 's#path: /etc/kubernetes/super-admin.conf#path: /etc/kubernetes/admin.conf#'" in out
+    assert data["spec"]["containers"][0]["image"] == "registry.example/vipd:test"
+
+
+def test_manifest_pod_etcd_mounts_its_files_and_low_port_gets_bind_cap(capsys):
+    code, out, _ = run_cli(capsys, "manifest", "pod", "--address", "192.0.2.10", "--address", "2001:db8::10",
+                           "--election", "etcd", "--etcd-endpoint", "https://127.0.0.1:2379",
+                           "--etcd-ca", "/etc/kubernetes/pki/etcd/ca.crt",
+                           "--etcd-cert", "/etc/kubernetes/pki/etcd/healthcheck-client.crt",
+                           "--etcd-key", "/etc/kubernetes/pki/etcd/healthcheck-client.key",
+                           "--backend", "192.0.2.21:6444", "--lb-port", "443", "--status-listen", ":9100")
+    assert code == 0
+    check_golden("manifest-pod-etcd.yaml", out)
+    data = v1pod_round_trip(out)
+    c = data["spec"]["containers"][0]
+    assert [m["mountPath"] for m in c["volumeMounts"]] == [
+        "/etc/kubernetes/pki/etcd/ca.crt", "/etc/kubernetes/pki/etcd/healthcheck-client.crt",
+        "/etc/kubernetes/pki/etcd/healthcheck-client.key"]
+    assert "NET_BIND_SERVICE" in c["securityContext"]["capabilities"]["add"]
+    assert c["livenessProbe"]["httpGet"]["host"] == "127.0.0.1" and c["livenessProbe"]["httpGet"]["port"] == 9100
+    assert env_of(data)["VIPD_ADDRESS"] == "192.0.2.10,2001:db8::10"
+    reload_from_env(data)
+
+
+def test_manifest_pod_without_status_has_no_probes(capsys):
+    code, out, _ = run_cli(capsys, "manifest", "pod", "--address", "192.0.2.10", "--no-proxy", "--status-listen", "")
+    assert code == 0
+    c = v1pod_round_trip(out)["spec"]["containers"][0]
+    assert "livenessProbe" not in c and "readinessProbe" not in c
+    assert env_of({"spec": {"containers": [c]}})["VIPD_STATUS_LISTEN"] == ""
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [(["manifest", "pod", "--backend", "192.0.2.21:6444"], "no VIP given"),
+     (["manifest", "pod", "--address", "192.0.2.10", "--backend", "192.0.2.21:6444", "--election", "etcd",
+       "--etcd-password", "hunter2"], "secret cannot go into a static pod"),
+     (["manifest", "pod", "--address", "192.0.2.10", "--backend", "192.0.2.21:6444", "--election", "none",
+       "--bootstrap"], "expected election.backend kubernetes"),
+     (["kubeadm", "init", "--vip", "192.0.2.10", "--node-ip", "192.0.2.21", "--lbType", "udp"], "expected tcp"),
+     (["kubeadm", "init", "--vip", "192.0.2.10"], "this node's address is needed")],
+)
+def test_bad_input_exits_2_with_the_problem(capsys, argv, needle):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and out == ""
+    assert needle in err and "hunter2" not in err
+
+
+def test_go_style_booleans(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["kubeadm", "init", "--vip", "192.0.2.10", "--startAsLeader=maybe"])
+    assert exc.value.code == 2
+    capsys.readouterr()
+    base = ["kubeadm", "init", "--vip", "192.0.2.10", "--node-ip", "192.0.2.21"]
+    env = env_of(yaml.safe_load(run_cli(capsys, *base, "--arp=false", "--startAsLeader")[1]))
+    assert env["VIPD_ANNOUNCE"] == "false" and env["VIPD_START_AS_LEADER"] == "true"
+    env = env_of(yaml.safe_load(run_cli(capsys, *base, "--arp", "--startAsLeader=false", "--addPeersToLB=false")[1]))
+    assert "VIPD_ANNOUNCE" not in env and "VIPD_START_AS_LEADER" not in env  # both are the defaults
+    assert env["VIPD_PROXY"] == "false"  # no peers, no balancer: VIP only
+
+
+# --------------------------------------------------------------------------------------------
+# vipd kubeadm init | join (the origin's flow)
+# --------------------------------------------------------------------------------------------
+
+
+def test_kubeadm_init_origin_flow_golden(capsys):
+    code, out, err = run_cli(capsys, "kubeadm", "init", "--interface", "ens192", "--vip", "192.0.2.10",
+                             "--startAsLeader=true", "--node", "controlplane01", "--node-ip", "192.0.2.21")
+    assert code == 0, err
+    check_golden("kubeadm-init.yaml", out)
+    data = v1pod_round_trip(out)
+    cfg = reload_from_env(data)
+    assert cfg.election.start_as_leader is True and cfg.vip.interface == "ens192"
+    assert cfg.proxy.discovery == "peers" and cfg.proxy.backend_port == 6444
+    assert [(p.id, p.host, p.port) for p in cfg.proxy.peers] == [("controlplane01", "192.0.2.21", 6444)]
+
+
+def test_kubeadm_init_second_layout_bootstrap_golden(capsys):
+    """apiserver on the node IP:6443, the balancer bound to VIP:6443; super-admin.conf mounted."""
+    code, out, err = run_cli(capsys, "kubeadm", "init", "--interface", "ens192", "--vip", "192.0.2.10",
+                             "--startAsLeader=true", "--arp=true", "--addPeersToLB=true", "--lbBindToVip=true",
+                             "--lbType", "tcp", "--lbName", "Kubeadm Load Balancer", "--lbPort", "6443",
+                             "--lbBackEndPort", "6443", "--node", "controlplane01", "--node-ip", "192.0.2.21",
+                             "--bootstrap")
+    assert code == 0, err
+    check_golden("kubeadm-init-6443-bootstrap.yaml", out)
+    data = v1pod_round_trip(out)
+    cfg = reload_from_env(data)
+    assert cfg.proxy.port == 6443 and cfg.proxy.backend_port == 6443 and cfg.proxy.bind_to_vip
+    assert cfg.proxy.name == "Kubeadm Load Balancer"
+    assert data["spec"]["volumes"][0]["hostPath"]["path"] == "/etc/kubernetes/super-admin.conf"
+
+
+def test_kubeadm_init_reads_the_interface_address(capsys):
+    code, out, err = run_cli(capsys, "kubeadm", "init", "--interface", "lo", "--vip", "192.0.2.10",
+                             "--node", "cp1")
+    assert code == 0, err
+    assert env_of(yaml.safe_load(out))["VIPD_PEER"] == "cp1:127.0.0.1:6444"
+
+
+def test_kubeadm_join_lists_control_plane_nodes_golden(capsys, tmp_path):
+    with FakeApiServer(tmp_path) as fake:
+        fake.set_node("controlplane01", "192.0.2.21", control_plane=True)
+        fake.set_node("controlplane02", "192.0.2.22", control_plane=True)
+        fake.set_node("controlplane03", "192.0.2.23", control_plane=True)
+        fake.set_node("worker01", "192.0.2.31", control_plane=False)
+        code, out, err = run_cli(capsys, "kubeadm", "join", "--interface", "ens192", "--vip", "192.0.2.10",
+                                 "--startAsLeader=false", "--config", fake.kubeconfig)
+        assert any(r[0] == "GET" and r[1] == "/api/v1/nodes" for r in fake.requests)
+    assert code == 0, err
+    check_golden("kubeadm-join.yaml", out)
+    data = v1pod_round_trip(out)
+    cfg = reload_from_env(data)
+    assert [(p.id, p.host, p.port) for p in cfg.proxy.peers] == [
+        ("controlplane01", "192.0.2.21", 6444), ("controlplane02", "192.0.2.22", 6444),
+        ("controlplane03", "192.0.2.23", 6444)]
+    assert cfg.election.start_as_leader is False
+    # The pod mounts the node's admin.conf, not the file the nodes were listed with.
+    assert data["spec"]["volumes"][0]["hostPath"]["path"] == "/etc/kubernetes/admin.conf"
+
+
+def test_kubeadm_join_unreachable_apiserver_exits_1(capsys, tmp_path):
+    with FakeApiServer(tmp_path) as fake:
+        fake.mode = "forbidden"
+        code, out, err = run_cli(capsys, "kubeadm", "join", "--interface", "ens192", "--vip", "192.0.2.10",
+                                 "--config", fake.kubeconfig)
+    assert code == 1 and out == ""
+    assert err.startswith("vipd: error:") and "403" in err
