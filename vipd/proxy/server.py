@@ -1,14 +1,409 @@
-"""Listener and accept loop (placeholder until the proxy issue lands)."""
+"""The load balancer task: listeners, accept loop, one session per client, limits and drain.
+
+Owns: binding VIP:port (IP_FREEBIND, so before the VIP is present) or the configured address,
+raising RLIMIT_NOFILE, accept back-pressure (``max_connections``; EMFILE backs off), connecting
+to the chosen backend with retry on the next healthy one, the two pumps of a session and its
+lifetime (idle and half-close timeouts, reset propagation, shutdown-sessions), logging backend
+transitions, the proxy counters in ``state.proxy``, and the drain on shutdown.
+
+Must never: let one connection's failure reach the accept loop or the server (each session
+contains its own errors), swallow ``trio.Cancelled``, or leave a client connected to nothing
+(no healthy backend → the client is closed at once).
+
+Shutdown: when the task is cancelled the listeners close at once; open sessions live in a
+nursery under a shielded scope that gets ``drain_timeout`` to finish before being cancelled.
+"""
 
 from __future__ import annotations
 
+import errno
+import ipaddress
+import os
+import resource
+import socket
 from typing import Any
 
 import trio
 
-from vipd.config import Config
-from vipd.state import RuntimeState
+from vipd import log
+from vipd.config import Config, ProxyConfig
+from vipd.errors import ProxyError
+from vipd.proxy.backends import Backend, BackendPool, Transition
+from vipd.proxy.health import CheckFn, HealthChecks, make_check
+from vipd.proxy.pump import Broken, PipePool, abort, pump, tune
+from vipd.state import ProxyState, RuntimeState
+
+_IP_FREEBIND = 15
+_IPV6_FREEBIND = 78
+_ACCEPT_BATCH = 64
+_ACCEPT_BACKOFF = 0.1  # EMFILE and friends: the listener stays readable, so wait instead of spin
+_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_wait_readable = trio.lowlevel.wait_readable
+_wait_writable = trio.lowlevel.wait_writable
 
 
-async def run_proxy(cfg: Config, state: RuntimeState, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    raise NotImplementedError("the proxy is not in this build yet; run with --no-proxy")
+def raise_nofile_limit() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit; returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            return hard
+        except (ValueError, OSError):
+            return soft
+    return soft
+
+
+def backend_addresses(pcfg: ProxyConfig) -> list[tuple[str, int]]:
+    """Backends known from the configuration alone (kubernetes discovery starts empty)."""
+    if pcfg.discovery == "static":
+        return list(pcfg.backends)
+    if pcfg.discovery == "peers":
+        # A peer's own port is its election/peer port; the apiserver listens on backend_port.
+        return [(p.host, pcfg.backend_port) for p in pcfg.peers]
+    return []
+
+
+def listen_addresses(cfg: Config) -> list[str]:
+    pcfg = cfg.proxy
+    if pcfg.bind_address:
+        return [pcfg.bind_address]
+    if pcfg.bind_to_vip and cfg.vip.addresses:
+        return [v.address for v in cfg.vip.addresses]
+    return [""]  # every address
+
+
+def open_listener(host: str, port: int, backlog: int) -> socket.socket:
+    """A non-blocking listening socket. Specific addresses bind with FREEBIND so the VIP need
+    not be present yet; "" binds every address (dual-stack where IPv6 exists)."""
+    if host == "":
+        family, addr = (socket.AF_INET6, "::") if socket.has_ipv6 else (socket.AF_INET, "0.0.0.0")
+    else:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        addr = host
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "" else 1)
+            if host:
+                sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_FREEBIND, 1)
+        elif host:
+            sock.setsockopt(socket.SOL_IP, _IP_FREEBIND, 1)
+        sock.bind((addr, port))
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise ProxyError(f"cannot listen on {host or '*'}:{port}: {exc.strerror or exc}") from exc
+    return sock
+
+
+class _Session:
+    """One proxied connection's bookkeeping (kept small: thousands of these sit idle)."""
+
+    __slots__ = ("stats", "scope", "done", "hard_deadline", "reset", "idle")
+
+    def __init__(self, stats: Any, idle: float) -> None:
+        self.stats = stats
+        self.scope = trio.CancelScope()
+        self.done = 0  # directions that finished (EOF forwarded)
+        self.hard_deadline = float("inf")  # half-close deadline, idle cannot push it later
+        self.reset: socket.socket | None = None  # abort this socket on close (reset propagation)
+        self.idle = idle
+
+    def _touch(self) -> None:
+        self.scope.deadline = min(trio.current_time() + self.idle, self.hard_deadline)
+
+    def count_in(self, n: int) -> None:
+        self.stats.bytes_in += n
+        if self.idle:
+            self._touch()
+
+    def count_out(self, n: int) -> None:
+        self.stats.bytes_out += n
+        if self.idle:
+            self._touch()
+
+
+class Proxy:
+    """The running load balancer. ``run_proxy`` builds one; tests may drive it directly."""
+
+    def __init__(self, cfg: Config, state: ProxyState, check: CheckFn | None = None) -> None:
+        self.cfg = cfg
+        self.pcfg = cfg.proxy
+        self.state = state
+        self.log = log.get("proxy")
+        self.pool = BackendPool(
+            backend_addresses(self.pcfg),
+            balance=self.pcfg.balance,
+            rise=self.pcfg.health.rise,
+            fall=self.pcfg.health.fall,
+            stats=state.backends,
+        )
+        self.pipes = PipePool()
+        self.check = check or make_check(self.pcfg.health)
+        self.health: HealthChecks | None = None
+        self.listeners: list[socket.socket] = []
+        self._below_limit = trio.Event()
+        self._limited = False
+        self._families: dict[str, int] = {}
+
+    # -- backends ------------------------------------------------------------------------
+
+    def update_backends(self, addresses: list[tuple[str, int]]) -> None:
+        """Apply a new backend list (discovery). Open connections are untouched."""
+        added, removed = self.pool.update(addresses)
+        if added or removed:
+            self.log.info(
+                "proxy.backends_updated",
+                added=[b.key for b in added],
+                removed=[b.key for b in removed],
+                backends=[b.key for b in self.pool],
+            )
+        if self.health is not None:
+            self.health.sync(list(self.pool))
+
+    def observe(self, backend: Backend, ok: bool, reason: str) -> None:
+        if backend.removed:
+            return
+        t = self.pool.observe(backend, ok)
+        if t is Transition.UP:
+            self.log.info("backend.up", backend=backend.key, reason=reason)
+        elif t is Transition.DOWN:
+            self.log.warning(
+                "backend.down", backend=backend.key, reason=reason,
+                sessions=len(backend.sessions) if self.pcfg.health.shutdown_sessions else 0,
+            )
+            if self.pcfg.health.shutdown_sessions:
+                for session in list(backend.sessions):
+                    session.reset = None
+                    session.scope.cancel()
+
+    # -- serving ---------------------------------------------------------------------------
+
+    def open_listeners(self) -> None:
+        for host in listen_addresses(self.cfg):
+            self.listeners.append(open_listener(host, self.pcfg.port, self.pcfg.backlog))
+
+    def close_listeners(self) -> None:
+        for sock in self.listeners:
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+        self.listeners = []
+        self.state.listening = False
+
+    async def accept_loop(self, lsock: socket.socket, sessions: trio.Nursery) -> None:
+        st = self.state
+        limit = self.pcfg.max_connections
+        resource_error = False
+        while True:
+            if st.active_connections >= limit:
+                if not self._limited:
+                    self._limited = True
+                    self._below_limit = trio.Event()
+                    self.log.warning("proxy.connection_limit", max_connections=limit)
+                await self._below_limit.wait()
+                continue
+            try:
+                await _wait_readable(lsock)
+            except trio.ClosedResourceError:
+                return  # the listeners were closed: shutting down
+            for _ in range(_ACCEPT_BATCH):
+                try:
+                    client = lsock.accept()[0]
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in _RESOURCE_ERRNOS:
+                        if not resource_error:
+                            resource_error = True
+                            self.log.warning("proxy.accept_failed", error=exc.strerror)
+                        await trio.sleep(_ACCEPT_BACKOFF)
+                        break
+                    continue  # ECONNABORTED and the like: that client is gone, not us
+                resource_error = False
+                client.setblocking(False)
+                st.active_connections += 1
+                st.total_connections += 1
+                sessions.start_soon(self.serve, client)
+                if st.active_connections >= limit:
+                    break
+
+    def _released(self) -> None:
+        st = self.state
+        st.active_connections -= 1
+        if self._limited and st.active_connections < self.pcfg.max_connections:
+            self._limited = False
+            self._below_limit.set()
+            self.log.info("proxy.connection_limit_cleared", active=st.active_connections)
+
+    async def serve(self, client: socket.socket) -> None:
+        """One client, start to end. Contains every error of its own."""
+        upstream: socket.socket | None = None
+        try:
+            tune(client)
+            backend, upstream = await self.connect()
+            if upstream is None or backend is None:
+                self.state.rejected_connections += 1
+                return
+            await self.splice(client, backend, upstream)
+        except (Broken, OSError) as exc:
+            self.log.debug("proxy.session_error", error=f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # contain: one session's bug must not stop the server
+            self.log.error("proxy.session_failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+        finally:
+            client.close()
+            if upstream is not None:
+                upstream.close()
+            self._released()
+
+    def _family(self, host: str) -> int:
+        fam = self._families.get(host)
+        if fam is None:
+            try:
+                fam = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+            except ValueError:
+                fam = 0  # a name: resolve per connect
+            self._families[host] = fam
+        return fam
+
+    async def connect(self) -> tuple[Backend | None, socket.socket | None]:
+        """Connect to a healthy backend, trying the next one on failure or timeout."""
+        tried: list[Backend] = []
+        while True:
+            backend = self.pool.pick(tried)
+            if backend is None:
+                return None, None
+            tried.append(backend)
+            err, sock = await self._connect_one(backend)
+            if sock is not None:
+                return backend, sock
+            backend.stats.failed_connects += 1
+            self.observe(backend, False, f"connect: {os.strerror(err)}")
+
+    async def _connect_one(self, backend: Backend) -> tuple[int, socket.socket | None]:
+        family = self._family(backend.host)
+        addr: tuple[Any, ...] = (backend.host, backend.port)
+        if family == 0:
+            try:
+                infos = await trio.socket.getaddrinfo(backend.host, backend.port, type=socket.SOCK_STREAM)
+            except OSError:
+                return errno.EHOSTUNREACH, None
+            family, _, _, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            tune(sock)
+            err = sock.connect_ex(addr)
+            if err == errno.EINPROGRESS:
+                with trio.move_on_after(self.pcfg.connect_timeout) as cs:
+                    await _wait_writable(sock)
+                err = errno.ETIMEDOUT if cs.cancelled_caught else sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except BaseException:
+            sock.close()
+            raise
+        if err:
+            sock.close()
+            return err, None
+        return 0, sock
+
+    async def splice(self, client: socket.socket, backend: Backend, upstream: socket.socket) -> None:
+        stats = backend.stats
+        session = _Session(stats, self.pcfg.idle_timeout)
+        stats.active_connections += 1
+        stats.total_connections += 1
+        backend.sessions.add(session)
+        if session.idle:
+            session._touch()
+        try:
+            with session.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._direction, upstream, client, session, session.count_out)
+                    await self._direction(client, upstream, session, session.count_in)
+        finally:
+            backend.sessions.discard(session)
+            stats.active_connections -= 1
+            if session.reset is not None:
+                abort(session.reset)
+
+    async def _direction(self, src: socket.socket, dst: socket.socket, session: _Session, count: Any) -> None:
+        try:
+            await pump(src, dst, self.pipes, count)
+        except Broken as exc:
+            # Whoever broke, the survivor gets a reset too (SO_LINGER 0 on close).
+            session.reset = dst if exc.side == "src" else src
+            session.scope.cancel()
+            return
+        session.done += 1
+        if session.done == 1:  # half-closed: the other direction gets half_close_timeout
+            session.hard_deadline = trio.current_time() + self.pcfg.half_close_timeout
+            session.scope.deadline = min(session.scope.deadline, session.hard_deadline)
+
+
+async def _hold_sessions(stopped: trio.Event, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """A nursery for sessions that outer cancellation does not reach (the drain)."""
+    with trio.CancelScope(shield=True) as scope:
+        async with trio.open_nursery() as nursery:
+            task_status.started((scope, nursery))
+            await stopped.wait()
+
+
+async def run_proxy(
+    cfg: Config,
+    state: RuntimeState,
+    *,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+    check: CheckFn | None = None,
+) -> None:
+    """Serve until cancelled; then stop accepting and drain for ``cfg.proxy.drain_timeout``."""
+    logger = log.get("proxy")
+    nofile = raise_nofile_limit()
+    proxy = Proxy(cfg, state.proxy, check)
+    proxy.open_listeners()
+    stopped = trio.Event()
+    drain_scope: trio.CancelScope | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            drain_scope, sessions = await nursery.start(_hold_sessions, stopped)
+            proxy.health = HealthChecks(nursery, cfg.proxy.health.interval, proxy.check, proxy.observe)
+            proxy.health.sync(list(proxy.pool))
+            if cfg.proxy.discovery == "kubernetes":
+                from vipd.proxy.discovery import run_kubernetes_discovery
+
+                await nursery.start(run_kubernetes_discovery, cfg, proxy.update_backends)
+            for lsock in proxy.listeners:
+                nursery.start_soon(proxy.accept_loop, lsock, sessions)
+            state.proxy.listening = True
+            logger.info(
+                "proxy.listening",
+                addresses=[_sockname(s) for s in proxy.listeners],
+                backends=[b.key for b in proxy.pool],
+                discovery=cfg.proxy.discovery,
+                balance=cfg.proxy.balance,
+                splice=proxy.pipes.splice,
+                nofile=nofile,
+            )
+            task_status.started(proxy)
+            try:
+                await trio.sleep_forever()
+            finally:
+                # Stop accepting at once; sessions get drain_timeout, then are cancelled.
+                active = state.proxy.active_connections
+                proxy.close_listeners()
+                if drain_scope is not None:
+                    drain_scope.deadline = trio.current_time() + cfg.proxy.drain_timeout
+                stopped.set()
+                if active:
+                    logger.info("proxy.draining", active=active, timeout=cfg.proxy.drain_timeout)
+    finally:
+        proxy.close_listeners()
+        proxy.pipes.close()
+        state.proxy.listening = False
+        if drain_scope is not None and drain_scope.cancelled_caught:
+            logger.warning("proxy.drain_timeout", closed=True)
+
+
+def _sockname(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
