@@ -32,11 +32,11 @@ Usage::
         fake.set_lease("kube-system", "l", holder="other")   # seed / change out of band
         fake.lease("kube-system", "l")              # the stored object (dict) or None
         fake.set_endpoint_slice("kubernetes", [("10.0.0.1", True)], port=6443)
-        fake.compact()                              # watches from older versions get 410
+        fake.compact(drop_watches=True)             # watches from older versions get 410
         fake.drop_watches()                         # end open watch streams
         fake.set_node("cp1", "10.0.0.1", control_plane=True)
         fake.mode = "hang"
-        fake.requests                               # [(method, path), ...] served so far
+        fake.requests                               # [Request(method, path, query), ...]
 
 A fake is a fake: it implements only what vipd uses; it does not do RBAC per verb, field
 selectors, server-side apply, or real etcd compaction timing.
@@ -55,7 +55,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import trustme
@@ -66,6 +66,20 @@ MICROTIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|[+-]\d\d:\d
 TOKEN = "fake-admin-token"
 LEASE_PATH = "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases"
 SLICE_LABEL = "kubernetes.io/service-name"
+
+
+class Request(NamedTuple):
+    """One request the fake received (before auth and fault modes were applied)."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+
+
+def is_watch(query: Any) -> bool:
+    """Go's strconv.ParseBool, as the real apiserver reads ``?watch=`` (the Python client
+    sends ``True``)."""
+    return query.get("watch") in ("1", "t", "T", "true", "TRUE", "True")
 
 
 def _status(code: int, reason: str, message: str, **details: Any) -> web.Response:
@@ -107,7 +121,7 @@ class FakeApiServer:
         self._client_cert = self.ca.issue_cert("kubernetes-admin")
         self._kubeconfig_server = kubeconfig_server
         self._mode = "ok"  # ok | forbidden | fail | hang
-        self.requests: list[tuple[str, str]] = []
+        self.requests: list[Request] = []
         self.port = 0
         self.kubeconfig = ""
         self.ca_path = self.directory / "fake-ca.crt"
@@ -273,9 +287,12 @@ class FakeApiServer:
 
     def set_endpoint_slice(self, name: str, endpoints: list[tuple[str, bool | None]], *,
                            port: int | None = 6443, namespace: str = "default",
-                           service: str = "kubernetes", address_type: str = "IPv4") -> None:
+                           service: str = "kubernetes", address_type: str = "IPv4",
+                           notify: bool = True) -> None:
         """Create or replace a slice. ``endpoints``: (address, ready); ready None leaves the
-        condition out (the API says: treat as ready). ``port`` None: a slice without ports."""
+        condition out (the API says: treat as ready). ``port`` None: a slice without ports.
+        ``notify=False``: open watches miss this change (as a disconnected client would); with
+        ``compact()`` after it, only a re-list shows it."""
         eps = []
         for addr, ready in endpoints:
             ep: dict[str, Any] = {"addresses": [addr], "conditions": {}}
@@ -294,7 +311,8 @@ class FakeApiServer:
             obj["ports"] = ([{"name": "https", "port": port, "protocol": "TCP"}]
                             if port is not None else [])
             self._slices[key] = obj
-            self._slice_event("MODIFIED" if old else "ADDED", obj)
+            if notify:
+                self._slice_event("MODIFIED" if old else "ADDED", obj)
 
         self._call(do)
 
@@ -309,11 +327,15 @@ class FakeApiServer:
 
         self._call(do)
 
-    def compact(self) -> None:
-        """Forget the watch history: a watch from any version before now gets 410 Gone."""
+    def compact(self, *, drop_watches: bool = False) -> None:
+        """Forget the watch history: a watch from any version before now gets 410 Gone.
+        ``drop_watches``: also end the open streams, in the same step."""
         def do() -> None:
             self._slice_history.clear()
             self._oldest_watchable = self._rv
+            if drop_watches:
+                for q in list(self._watchers):
+                    q.put_nowait(None)
         self._call(do)
 
     def drop_watches(self) -> None:
@@ -366,7 +388,7 @@ class FakeApiServer:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        self.requests.append((request.method, request.path))
+        self.requests.append(Request(request.method, request.path, dict(request.query)))
         if not self._authenticated(request):
             return _status(401, "Unauthorized", "Unauthorized")
         if self.mode == "hang":
@@ -403,7 +425,7 @@ class FakeApiServer:
             return await self._lease(request, m.group(1), m.group(2))
         m = re.fullmatch(r"/apis/discovery\.k8s\.io/v1/namespaces/([^/]+)/endpointslices", path)
         if m and request.method == "GET":
-            if request.query.get("watch") in ("true", "1"):
+            if is_watch(request.query):
                 return await self._watch_slices(request, m.group(1))
             return self._list_slices(request, m.group(1))
         if path == "/api/v1/nodes" and request.method == "GET":
