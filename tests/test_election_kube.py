@@ -18,6 +18,9 @@ from vipd.election.backend import BackendUnavailable, LeaseConflict, LeaseRecord
 from vipd.election.kube import KubeLeaseBackend, micro_time, record_from_lease
 
 fake_apiserver = kube_fixtures.fake_apiserver  # the fixture, used by name
+# The kubeconfig's server in the override tests: a loopback "VIP" where nothing listens on
+# port 1 (an address, not a name: no DNS query leaves the machine).
+VIP = "127.0.0.2"
 NS, NAME = "kube-system", "vipd-test-lock"
 
 
@@ -228,10 +231,10 @@ async def test_missing_kubeconfig_is_unavailable_until_it_appears(fake_apiserver
 
 
 async def test_api_server_override_keeps_kubeconfig_credentials(tmp_path: Any) -> None:
-    """The kubeconfig names an unreachable host; --api-server points at the local apiserver,
-    whose certificate names only that host (not 127.0.0.1): TLS still verifies."""
-    with FakeApiServer(tmp_path, cert_names=("cp.vipd.test",),
-                       kubeconfig_server="https://cp.vipd.test:1") as fake, trio.fail_after(20):
+    """The kubeconfig names the VIP (nothing there); --api-server points at the local
+    apiserver, whose certificate names only the VIP (not 127.0.0.1): TLS still verifies."""
+    with FakeApiServer(tmp_path, cert_names=(VIP,),
+                       kubeconfig_server=f"https://{VIP}:1") as fake, trio.fail_after(20):
         async with backends(fake, "node-a", **{"election.kubernetes.api_server": fake.url}) as (a,):
             assert await a.observe(soon()) is None
             await a.acquire(None, soon())
