@@ -58,7 +58,7 @@ def free_port(host: str) -> int:
 
 
 def proxy_config(backends: list[tuple[str, int]], *, host: str | None = None, port: int | None = None,
-                 **proxy: Any):
+                 extra: dict[str, Any] | None = None, **proxy: Any):
     """A Config whose proxy listens on host:port (fresh loopback defaults) with static backends.
     Keyword arguments are proxy field keys without the ``proxy.`` prefix, ``.`` as ``__``."""
     from vipd import config
@@ -77,6 +77,7 @@ def proxy_config(backends: list[tuple[str, int]], *, host: str | None = None, po
     }
     for key, value in proxy.items():
         flags["proxy." + key.replace("__", ".")] = value
+    flags.update(extra or {})
     return config.load(flags=flags, environ={}, require_vip=False)
 
 
@@ -146,6 +147,20 @@ async def run_peer(*args: Any) -> dict[str, Any]:
     if res.returncode != 0:
         raise AssertionError(f"peer {args} failed: {res.stderr.decode()[-2000:]}")
     return json.loads(res.stdout.decode().strip().splitlines()[-1])
+
+
+async def echo_handler(stream: trio.SocketStream, tag: bytes = b"") -> None:
+    """Echo with an optional tag prefix on each reply (which backend answered)."""
+    try:
+        while data := await stream.receive_some(65536):
+            await stream.send_all(tag + data)
+    except trio.BrokenResourceError:
+        pass
+
+
+async def roundtrip(stream: trio.SocketStream, msg: bytes) -> bytes:
+    await stream.send_all(msg)
+    return await stream.receive_some(65536)
 
 
 async def tcp_listener(host: str, port: int = 0, backlog: int = 128) -> trio.SocketListener:
