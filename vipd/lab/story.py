@@ -103,7 +103,7 @@ def run_demo(say: Callable[[str], None], *, kind: str = "vipd", keep_logs: Path 
                 try:
                     probe.wait_ok(3)
                     out = faults.Outcome(scenario, leader=lab.holders()[0])
-                    say(f"… {verb} to the leader, vipd on {out.leader}")
+                    say(f"… {verb} to the leader: {lab.kind} on {out.leader}")
                     faults.SCENARIOS[scenario](lab, b, out, probe)
                 finally:
                     probe.stop()
