@@ -103,3 +103,70 @@ def test_bad_kubeconfig_is_a_config_error(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(KubeConfigError, match="in-cluster"):
         asyncio.run(list_control_plane_nodes(""))
+
+
+# ---------------------------------------------------------------------------------------------
+# docs/kubernetes.md's RBAC must allow every call vipd makes (checked against the fake's log).
+# ---------------------------------------------------------------------------------------------
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "kubernetes.md"
+
+
+def _documented_rules() -> dict[tuple[str, str], set[str]]:
+    """(resource, name or '*') → verbs, from the Role/ClusterRole objects in the doc."""
+    import re
+
+    import yaml
+
+    rules: dict[tuple[str, str], set[str]] = {}
+    for block in re.findall(r"```yaml\n(.*?)```", DOC.read_text(), re.S):
+        for doc in yaml.safe_load_all(block):
+            if not isinstance(doc, dict) or doc.get("kind") not in ("Role", "ClusterRole"):
+                continue
+            for rule in doc["rules"]:
+                for resource in rule["resources"]:
+                    for name in rule.get("resourceNames") or ["*"]:
+                        rules.setdefault((resource, name), set()).update(rule["verbs"])
+    return rules
+
+
+def _verb(req: kube_fixtures.Request) -> tuple[str, str, str]:
+    parts = req.path.strip("/").split("/")
+    collection_at = max(i for i, p in enumerate(parts) if p in ("leases", "endpointslices", "nodes"))
+    resource = parts[collection_at]
+    name = parts[collection_at + 1] if len(parts) > collection_at + 1 else "*"
+    verb = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(req.method)
+    if verb is None:
+        verb = "get" if name != "*" else ("watch" if kube_fixtures.is_watch(req.query) else "list")
+    return resource, name, verb
+
+
+async def test_docs_rbac_allows_every_call(fake_apiserver: FakeApiServer) -> None:
+    import trio
+    import trio_asyncio
+
+    from vipd.election.kube import KubeLeaseBackend
+    from vipd.proxy.discovery import run_kubernetes_discovery
+
+    cfg = kube_fixtures.kube_config(fake_apiserver, **{"election.kubernetes.lease_name": "vipd-cp-lock"})
+    fake_apiserver.set_endpoint_slice("kubernetes", [("10.0.0.1", True)])
+    fake_apiserver.set_node("cp1", "10.0.0.11")
+    with trio.fail_after(20):
+        async with trio_asyncio.open_loop():
+            backend = KubeLeaseBackend(cfg)
+            deadline = trio.current_time() + 5
+            rec = await backend.acquire(await backend.observe(deadline), deadline)
+            await backend.release(await backend.renew(rec, deadline), deadline)
+            await backend.aclose()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(run_kubernetes_discovery, cfg, lambda _: None)
+                while fake_apiserver.watch_count == 0:  # noqa: ASYNC110 - state on the fake's thread
+                    await trio.sleep(0.02)
+                nursery.cancel_scope.cancel()
+            await trio_asyncio.aio_as_trio(list_control_plane_nodes)(fake_apiserver.kubeconfig)
+    rules = _documented_rules()
+    used = {_verb(r) for r in fake_apiserver.requests}
+    assert {v for _, _, v in used} >= {"get", "create", "update", "list", "watch"}
+    for resource, name, verb in used:
+        allowed = rules.get((resource, name), set()) | rules.get((resource, "*"), set())
+        assert verb in allowed, f"docs/kubernetes.md RBAC does not allow {verb} {resource}/{name}"
