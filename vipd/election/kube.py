@@ -97,6 +97,7 @@ class KubeLeaseBackend:
     """LeaseBackend on a coordination.k8s.io/v1 Lease. See the module docstring."""
 
     name = "kubernetes"
+    server_expires = False  # the apiserver never expires a Lease: followers count the duration
 
     def __init__(self, cfg: Config):
         k = cfg.election.kubernetes
