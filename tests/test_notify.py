@@ -56,7 +56,7 @@ async def test_ready_status_stopping_on_the_socket(abstract):
             assert msg["STATUS"] == "leader (term 3), serving 192.0.2.10/32"
             state.ready.add("election")
             msg = await ns.wait_for("READY")
-            assert msg["READY"] == "1"
+            assert msg["READY"] == "1" and msg["STATUS"] == "leader (term 3), serving 192.0.2.10/32"
             state.stopping = True
             assert (await ns.wait_for("STOPPING"))["STOPPING"] == "1"
             nursery.cancel_scope.cancel()

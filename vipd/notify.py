@@ -76,6 +76,7 @@ class Notifier:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self.sock.setblocking(False)
         self._warned = False
+        self.status = "starting"  # the last STATUS= sent; READY=1 repeats it
 
     def send(self, *lines: str) -> bool:
         try:
@@ -97,7 +98,7 @@ async def _lifecycle(state: RuntimeState, notifier: Notifier) -> None:
     try:
         while not state.stopping:
             if not ready_sent and state.is_ready:
-                ready_sent = notifier.send("READY=1", "STATUS=started")
+                ready_sent = notifier.send("READY=1", f"STATUS={notifier.status}")
                 logger.debug("notify.ready")
             await trio.sleep(POLL)
         stopping_sent = notifier.send("STOPPING=1", "STATUS=stopping")
@@ -115,7 +116,7 @@ async def _follow_leadership(state: RuntimeState, leadership: trio.MemoryReceive
             continue
         text = role_text(event, [v.address for v in state.vips])
         if text != last:
-            last = text
+            last = notifier.status = text
             notifier.send(f"STATUS={text}")
 
 
