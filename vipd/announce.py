@@ -16,6 +16,7 @@ See docs/announce.md for what is sent when, and why.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import math
 import socket
@@ -163,13 +164,14 @@ class PacketSender:
 
     def __init__(self, ifname: str) -> None:
         self.ifname = ifname
-        self.sock = trio.socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         try:
-            self.sock.bind((ifname, 0))
+            raw.bind((ifname, 0))  # protocol 0: nothing is ever queued for us to read
+            self.mac: bytes = raw.getsockname()[4]
         except OSError:
-            self.sock.close()
+            raw.close()
             raise
-        self.mac: bytes = self.sock.getsockname()[4]
+        self.sock = trio.socket.from_stdlib_socket(raw)  # non-blocking from here on
 
     async def send(self, frame: bytes) -> None:
         await self.sock.send(frame)
@@ -222,6 +224,10 @@ async def run_announcer(
             sender.close()
             sender = None
 
+    if cfg.vip.interface:  # get ready before the first acquire (else on the "standby" change)
+        with contextlib.suppress(OSError):
+            sender = open_sender(cfg.vip.interface)
+            frames = frames_for(cfg.vip.addresses, sender.mac)
     task_status.started()
     try:
         async with vip_changes:
@@ -241,22 +247,24 @@ async def run_announcer(
                         return
                 if change is None:
                     continue
+                if sender is None or sender.ifname != change.interface:
+                    # Open the socket and build the frames as soon as the interface is known
+                    # (the address task names it at start), so acquiring costs only the sends.
+                    stop()
+                    try:
+                        sender = open_sender(change.interface)
+                    except OSError as exc:
+                        state.announce.errors += 1
+                        logger.error("announce.socket_failed", interface=change.interface,
+                                     error=exc.strerror or str(exc))
+                        continue
+                    frames = frames_for(cfg.vip.addresses, sender.mac)
                 if change.present:
-                    if sender is None or sender.ifname != change.interface:
-                        stop()
-                        try:
-                            sender = open_sender(change.interface)
-                        except OSError as exc:
-                            state.announce.errors += 1
-                            logger.error("announce.socket_failed", interface=change.interface,
-                                         error=exc.strerror or str(exc))
-                            continue
-                        frames = frames_for(cfg.vip.addresses, sender.mac)
                     schedule.start(trio.current_time())
                     logger.info("announce.started", interface=change.interface, reason=change.reason,
                                 mac=_mac_str(sender.mac))
-                elif schedule.active or sender is not None:
-                    stop()
+                elif schedule.active:
+                    schedule.stop()
                     logger.info("announce.stopped", interface=change.interface, reason=change.reason)
     finally:
         stop()

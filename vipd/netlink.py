@@ -276,14 +276,14 @@ class Kernel:
 
 def open_event_socket() -> trio.socket.SocketType:
     """A trio netlink socket on the link + IPv4/IPv6 address groups (events, never requests)."""
-    sock = trio.socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
     except OSError as exc:
         sock.close()
         raise NetlinkError(f"netlink event socket: {exc.strerror or exc}") from exc
-    return sock
+    return trio.socket.from_stdlib_socket(sock)
 
 
 async def resolve_interface(cfg: Config, kernel: Kernel) -> tuple[str, int]:
@@ -531,6 +531,8 @@ async def run_address_task(
         mgr = AddressManager(cfg, state, kernel, vip_changes, ifname, ifindex)
         await mgr.reconcile(await kernel.links(), "leftover")  # not leader yet: a crash leftover goes
         logger.info("address.started", interface=ifname, vips=[str(v) for v in cfg.vip.addresses])
+        # Name the interface to the announcer now, so it can get ready before any acquire.
+        await vip_changes.send(VipChange(False, ifname, "standby"))
         task_status.started()
 
         inbox_send, inbox = trio.open_memory_channel[tuple[str, Any]](64)
