@@ -1,0 +1,138 @@
+"""Packaging: the wheel and sdist build, install into a fresh virtualenv (through install.sh,
+the systemd path) and run; the Containerfile is checked statically (no container runtime here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.ops_fixtures import REPO
+from vipd import __version__
+
+CONTAINERFILE = Path(REPO) / "packaging" / "Containerfile"
+
+
+def containerfile_stages(text: str) -> list[list[tuple[str, str]]]:
+    """Stages as lists of (INSTRUCTION, arguments), continuation lines joined, comments dropped."""
+    logical: list[str] = []
+    buf = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not buf and (not line or line.startswith("#")):
+            continue
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        logical.append(buf + line)
+        buf = ""
+    stages: list[list[tuple[str, str]]] = []
+    for line in logical:
+        instr, _, args = line.partition(" ")
+        instr = instr.upper()
+        if instr == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append((instr, args.strip()))
+    return stages
+
+
+def test_containerfile_is_multi_stage_slim_and_compiler_free():
+    text = CONTAINERFILE.read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.M))
+    assert args["PYTHON_IMAGE"].startswith("python:3.11-slim")
+    stages = containerfile_stages(text)
+    assert len(stages) == 2
+    build, final = stages
+    assert build[0] == ("FROM", "${PYTHON_IMAGE} AS build")
+    assert final[0] == ("FROM", "${PYTHON_IMAGE}")
+    build_runs = " ".join(a for i, a in build if i == "RUN")
+    assert "python -m build --wheel" in build_runs and "pip wheel" in build_runs
+    final_text = " ".join(a for _, a in final)
+    for forbidden in ("gcc", "build-essential", "apt-get install", "python -m build", "-dev "):
+        assert forbidden not in final_text, forbidden
+    final_runs = [a for i, a in final if i == "RUN"]
+    assert all("--no-index" in r for r in final_runs if "pip install" in r)  # wheels only, nothing compiled
+    assert ("COPY", "--from=build /wheels /tmp/wheels") in final
+    entry = [json.loads(a) for i, a in final if i == "ENTRYPOINT"]
+    cmd = [json.loads(a) for i, a in final if i == "CMD"]
+    assert entry == [["vipd"]] and cmd == [["start"]]  # `vipd start` by default; other sub-commands by args
+    for instr, a in build:
+        if instr == "COPY" and not a.startswith("--"):
+            for src in a.split()[:-1]:
+                assert (Path(REPO) / src).exists(), src
+
+
+def test_containerfile_build_command_is_documented():
+    assert "podman build -f packaging/Containerfile" in CONTAINERFILE.read_text()
+
+
+@pytest.mark.slow
+def test_wheel_and_sdist_build_install_fresh_venv_and_run(tmp_path):
+    dist = tmp_path / "dist"
+    build = subprocess.run([sys.executable, "-m", "build", "--outdir", str(dist), REPO],
+                           capture_output=True, text=True, timeout=80)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    wheel = next(dist.glob("vipd-*.whl"))
+    sdist = next(dist.glob("vipd-*.tar.gz"))
+    assert wheel.name == f"vipd-{__version__}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        assert "vipd/status.py" in names and "vipd/py.typed" in names
+        entry_points = zf.read(f"vipd-{__version__}.dist-info/entry_points.txt").decode()
+        assert "vipd = vipd.cli:main" in entry_points
+    with tarfile.open(sdist) as tf:
+        members = {m.split("/", 1)[1] for m in tf.getnames() if "/" in m}
+        assert {"pyproject.toml", "vipd/cli.py", "vipd/manifest.py"} <= members
+
+    # The systemd path: install.sh into a scratch root, a fresh virtualenv (no site packages).
+    root = tmp_path / "root"
+    env = {**os.environ, "VIPD_PREFIX": str(root / "opt/vipd"), "VIPD_BINDIR": str(root / "bin"),
+           "VIPD_UNITDIR": str(root / "units"), "VIPD_CONFDIR": str(root / "etc/vipd"),
+           "PYTHON": sys.executable}
+    env.pop("VIRTUAL_ENV", None)
+    inst = subprocess.run(["bash", str(Path(REPO) / "packaging" / "install.sh"), str(wheel)],
+                          capture_output=True, text=True, timeout=150, env=env)
+    assert inst.returncode == 0, inst.stdout[-3000:] + inst.stderr[-3000:]
+    venv_cfg = (root / "opt/vipd/pyvenv.cfg").read_text()
+    assert "include-system-site-packages = false" in venv_cfg
+    vipd = root / "bin" / "vipd"
+    assert vipd.is_symlink()
+    unit = (root / "units" / "vipd.service").read_text()
+    assert f"ExecStart={root}/bin/vipd start" in unit
+    assert (root / "etc/vipd/vipd.env").stat().st_mode & 0o777 == 0o600
+
+    clean_env = {"PATH": "/usr/bin:/bin"}
+    out = subprocess.run([str(vipd), "--version"], capture_output=True, text=True, timeout=30, env=clean_env)
+    assert out.returncode == 0 and out.stdout.strip() == f"vipd {__version__}"
+    # The installed code is the wheel's, not this checkout's.
+    where = subprocess.run([str(root / "opt/vipd/bin/python"), "-c", "import vipd; print(vipd.__file__)"],
+                           capture_output=True, text=True, timeout=30, env=clean_env, cwd=tmp_path)
+    assert where.stdout.startswith(str(root / "opt/vipd"))
+
+    env_file = {}
+    for line in (root / "etc/vipd/vipd.env").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            env_file[key] = value
+    check = subprocess.run([str(vipd), "config", "check"], capture_output=True, text=True, timeout=30,
+                           env={**clean_env, **env_file})
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.startswith("configuration is valid")
+    bad = subprocess.run([str(vipd), "config", "check", "--lb-port", "70000"], capture_output=True, text=True,
+                         timeout=30, env={**clean_env, **env_file})
+    assert bad.returncode == 2 and "proxy.port" in bad.stderr
+
+    # Running it again keeps the operator's env file.
+    (root / "etc/vipd/vipd.env").write_text("VIPD_ADDRESS=192.0.2.99\n")
+    again = subprocess.run(["bash", str(Path(REPO) / "packaging" / "install.sh"), str(wheel)],
+                           capture_output=True, text=True, timeout=150, env=env)
+    assert again.returncode == 0 and "keeping existing" in again.stdout
+    assert (root / "etc/vipd/vipd.env").read_text() == "VIPD_ADDRESS=192.0.2.99\n"
