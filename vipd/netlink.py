@@ -93,7 +93,7 @@ def lifetime_for(remaining: float | None) -> Lifetime:
     if remaining is None:
         return PERMANENT
     # expiry_bound(L) = L * (1 + W) + FUZZ_MAX * (1 + W) + DISPATCH <= remaining
-    seconds = math.floor((remaining - FUZZ_MAX * (1 + WHEEL_SLACK) - DISPATCH) / (1 + WHEEL_SLACK))
+    seconds = math.floor((remaining - FUZZ_MAX * (1 + WHEEL_SLACK) - DISPATCH) / (1 + WHEEL_SLACK) + 1e-9)
     if seconds >= 1:
         return Lifetime(seconds, True)
     return Lifetime(1, False)
