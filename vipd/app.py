@@ -80,14 +80,19 @@ def default_plan(w: Wiring) -> Plan:
     from vipd.status import run_status
 
     cfg, state = w.cfg, w.state
-    services: list[tuple[str, Task]] = [("notify", lambda **kw: run_notify(cfg, state, w.leadership.subscribe(), **kw))]
+    # Subscribe now, before anything starts, so no task misses the first messages of another
+    # (the address task sends a "standby" VipChange at start so the announcer can prepare).
+    notify_rx = w.leadership.subscribe()
+    address_rx = w.leadership.subscribe()
+    announce_rx = w.vip_changes.subscribe() if cfg.announce.enabled else None
+    services: list[tuple[str, Task]] = [("notify", lambda **kw: run_notify(cfg, state, notify_rx, **kw))]
     if cfg.status.listen:
         services.insert(0, ("status", lambda **kw: run_status(cfg, state, **kw)))
     vip: list[tuple[str, Task]] = [
-        ("address", lambda **kw: run_address_task(cfg, state, w.leadership.subscribe(), w.vip_changes, **kw)),
+        ("address", lambda **kw: run_address_task(cfg, state, address_rx, w.vip_changes, **kw)),
     ]
-    if cfg.announce.enabled:
-        vip.append(("announce", lambda **kw: run_announcer(cfg, state, w.vip_changes.subscribe(), **kw)))
+    if announce_rx is not None:
+        vip.append(("announce", lambda **kw: run_announcer(cfg, state, announce_rx, **kw)))
     proxy: list[tuple[str, Task]] = []
     if cfg.proxy.enabled:
         proxy.append(("proxy", lambda **kw: run_proxy(cfg, state, **kw)))

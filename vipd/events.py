@@ -81,7 +81,8 @@ class VipChange:
     """The address task's word to the announcer: the VIPs are now on ``interface`` or gone.
 
     Sent after the kernel confirmed the change, so announcing always follows adding.
-    ``reason``: acquired | restored (drift repaired) | lost | stopping.
+    ``reason``: acquired | restored (drift repaired) | lost | stopping | standby (sent once at
+    start with present=False, so the announcer can open its socket and build frames early).
     """
 
     present: bool

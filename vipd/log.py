@@ -91,6 +91,10 @@ def configure(*, fmt: str = "json", level: str = "info", node: str = "", stream:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(lvl)
+    try:  # pyroute2 resets its own logger's level when first imported: import it first
+        import pyroute2  # noqa: F401
+    except ImportError:  # pragma: no cover
+        pass
     # Libraries are chatty at debug; keep them at warning unless vipd itself is at debug.
     for noisy in ("asyncio", "aiohttp", "kubernetes_asyncio", "pyroute2", "trio_asyncio", "httpx", "httpcore",
                   "scapy", "scapy.runtime", "hpack"):
