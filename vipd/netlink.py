@@ -27,7 +27,7 @@ expired address late by at most ``kernel_late(L)`` (timer batching + timer-wheel
 ask for ``L = lifetime_for(fence_until - now - REQUEST_BUDGET)``; if the request itself took
 longer than the budget, we recompute from the time of the kernel's answer and shorten again.
 When even L = 1 cannot be guaranteed (lease too short), vipd uses L = 1 (the shortest the kernel
-knows) and warns once: ``vip.fence_weak``. Independently, the task drops the VIP itself once
+knows) and says so once at info: ``vip.fence_weak``. Independently, the task drops the VIP itself once
 ``safe_until`` passes without a renew (userspace fence, covers a wedged election).
 """
 
@@ -392,7 +392,7 @@ class AddressManager:
             self.log.debug("vip.lifetime_recompute", address=str(vip), took=round(done - start, 3))
         if not lifetime.strict and not self.weak_warned:
             self.weak_warned = True
-            self.log.warning(
+            self.log.info(
                 "vip.fence_weak", address=str(vip), lifetime=lifetime.seconds,
                 remaining=round(remaining or 0.0, 3), needed=round(expiry_bound(1), 3),
                 hint="lease too short for a guaranteed kernel lifetime; see docs/announce.md",
