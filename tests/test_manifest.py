@@ -248,3 +248,37 @@ def test_kubeadm_join_unreachable_apiserver_exits_1(capsys, tmp_path):
                                  "--config", fake.kubeconfig)
     assert code == 1 and out == ""
     assert err.startswith("vipd: error:") and "403" in err
+
+
+# --------------------------------------------------------------------------------------------
+# The operator docs name real settings.
+# --------------------------------------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+OPS_DOCS = ("quickstart-kubeadm.md", "systemd.md", "metrics.md", "logging.md", "troubleshooting.md", "migrating.md")
+NOT_SETTINGS = {"VIPD_PREFIX", "VIPD_BINDIR", "VIPD_UNITDIR", "VIPD_CONFDIR", "VIPD_UPDATE_GOLDEN"}
+
+
+def test_ops_docs_name_only_real_vipd_variables():
+    import re
+
+    known = {spec.vipd_env for spec in config_mod.FIELDS} | NOT_SETTINGS
+    for name in OPS_DOCS:
+        used = set(re.findall(r"\bVIPD_[A-Z_]+[A-Z]\b", (DOCS / name).read_text()))
+        assert used <= known, f"{name}: unknown {sorted(used - known)}"
+
+
+def test_migrating_maps_every_kube_vip_name_and_its_examples_are_valid():
+    import re
+
+    text = (DOCS / "migrating.md").read_text()
+    for spec in config_mod.FIELDS:
+        for env in spec.kubevip_env:
+            assert f"`{env.name}`" in text, env.name
+            assert f"`{spec.vipd_env}`" in text
+    # The keepalived + HAProxy example is a valid configuration as written.
+    block = text.split("The same with vipd", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    env = dict(re.match(r"(\w+)=(\S+)", line).groups() for line in block.splitlines() if line.strip())
+    cfg = config_mod.load(environ=env)
+    assert cfg.proxy.backends == (("192.0.2.21", 6444), ("192.0.2.22", 6444), ("192.0.2.23", 6444))
+    assert cfg.proxy.health.path == "/readyz" and cfg.proxy.health.fall == 3

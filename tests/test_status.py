@@ -333,3 +333,14 @@ async def test_status_command_unreachable_exits_1():
     assert proc.returncode == 1
     err = proc.stderr.decode().strip().splitlines()
     assert len(err) == 1 and err[0].startswith("vipd: error: cannot reach the daemon at http://127.0.0.1:1")
+
+
+def test_every_metric_is_documented():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "metrics.md").read_text()
+    s = busy_state()
+    body = route("GET", "/metrics", "", s, build_registry(s), 100.5).body.decode()
+    names = {sample.name for fam in text_string_to_metric_families(body) for sample in fam.samples}
+    missing = sorted(n for n in names if n.startswith("vipd_") and f"`{n}`" not in doc)
+    assert not missing, f"add to docs/metrics.md: {missing}"
