@@ -2,8 +2,8 @@
 
 Owns: binding VIP:port (IP_FREEBIND, so before the VIP is present) or the configured address,
 raising RLIMIT_NOFILE, accept back-pressure (``max_connections``; EMFILE backs off), connecting
-to the chosen backend with retry on the next healthy one, the two pumps of a session and its
-lifetime (idle and half-close timeouts, reset propagation, shutdown-sessions), logging backend
+to the chosen backend with retry on the next healthy one, handing the established pair to the
+pump's reactor (which owns the bytes, timeouts and resets), shutdown-sessions, logging backend
 transitions, the proxy counters in ``state.proxy``, and the drain on shutdown.
 
 Must never: let one connection's failure reach the accept loop or the server (each session
@@ -17,6 +17,7 @@ nursery under a shielded scope that gets ``drain_timeout`` to finish before bein
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import os
 import resource
@@ -30,7 +31,7 @@ from vipd.config import Config, ProxyConfig
 from vipd.errors import ProxyError
 from vipd.proxy.backends import Backend, BackendPool, Transition
 from vipd.proxy.health import CheckFn, HealthChecks, make_check
-from vipd.proxy.pump import Broken, PipePool, abort, pump, tune
+from vipd.proxy.pump import PipePool, Reactor, Session, tune
 from vipd.state import ProxyState, RuntimeState
 
 _IP_FREEBIND = 15
@@ -86,6 +87,7 @@ def open_listener(host: str, port: int, backlog: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tune(sock)  # accepted sockets inherit TCP_NODELAY and keep-alive
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "" else 1)
             if host:
@@ -98,33 +100,6 @@ def open_listener(host: str, port: int, backlog: int) -> socket.socket:
         sock.close()
         raise ProxyError(f"cannot listen on {host or '*'}:{port}: {exc.strerror or exc}") from exc
     return sock
-
-
-class _Session:
-    """One proxied connection's bookkeeping (kept small: thousands of these sit idle)."""
-
-    __slots__ = ("stats", "scope", "done", "hard_deadline", "reset", "idle")
-
-    def __init__(self, stats: Any, idle: float) -> None:
-        self.stats = stats
-        self.scope = trio.CancelScope()
-        self.done = 0  # directions that finished (EOF forwarded)
-        self.hard_deadline = float("inf")  # half-close deadline, idle cannot push it later
-        self.reset: socket.socket | None = None  # abort this socket on close (reset propagation)
-        self.idle = idle
-
-    def _touch(self) -> None:
-        self.scope.deadline = min(trio.current_time() + self.idle, self.hard_deadline)
-
-    def count_in(self, n: int) -> None:
-        self.stats.bytes_in += n
-        if self.idle:
-            self._touch()
-
-    def count_out(self, n: int) -> None:
-        self.stats.bytes_out += n
-        if self.idle:
-            self._touch()
 
 
 class Proxy:
@@ -143,6 +118,11 @@ class Proxy:
             stats=state.backends,
         )
         self.pipes = PipePool()
+        self.reactor = Reactor(self.pipes, idle_timeout=self.pcfg.idle_timeout,
+                               half_close_timeout=self.pcfg.half_close_timeout)
+        self.reactor.on_error = self._session_failed
+        self.stopping = False
+        self.drained = trio.Event()
         self.check = check or make_check(self.pcfg.health)
         self.health: HealthChecks | None = None
         self.listeners: list[socket.socket] = []
@@ -178,8 +158,7 @@ class Proxy:
             )
             if self.pcfg.health.shutdown_sessions:
                 for session in list(backend.sessions):
-                    session.reset = None
-                    session.scope.cancel()
+                    session.close("backend marked down")
 
     # -- serving ---------------------------------------------------------------------------
 
@@ -234,30 +213,36 @@ class Proxy:
     def _released(self) -> None:
         st = self.state
         st.active_connections -= 1
+        if self.stopping and st.active_connections == 0:
+            self.drained.set()
         if self._limited and st.active_connections < self.pcfg.max_connections:
             self._limited = False
             self._below_limit.set()
             self.log.info("proxy.connection_limit_cleared", active=st.active_connections)
 
     async def serve(self, client: socket.socket) -> None:
-        """One client, start to end. Contains every error of its own."""
-        upstream: socket.socket | None = None
+        """Connect a new client to a backend and hand both sockets to the reactor. Contains
+        every error of its own; a client with no backend to go to is closed at once."""
+        handed_over = False
         try:
-            tune(client)
             backend, upstream = await self.connect()
             if upstream is None or backend is None:
                 self.state.rejected_connections += 1
                 return
-            await self.splice(client, backend, upstream)
-        except (Broken, OSError) as exc:
-            self.log.debug("proxy.session_error", error=f"{type(exc).__name__}: {exc}")
+            try:
+                self._established(client, backend, upstream)
+                handed_over = True
+            except BaseException:
+                upstream.close()
+                raise
+        except OSError as exc:
+            self.log.debug("proxy.connect_error", error=f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # contain: one session's bug must not stop the server
             self.log.error("proxy.session_failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
         finally:
-            client.close()
-            if upstream is not None:
-                upstream.close()
-            self._released()
+            if not handed_over:
+                client.close()
+                self._released()
 
     def _family(self, host: str) -> int:
         fam = self._families.get(host)
@@ -308,45 +293,54 @@ class Proxy:
             return err, None
         return 0, sock
 
-    async def splice(self, client: socket.socket, backend: Backend, upstream: socket.socket) -> None:
+    def _established(self, client: socket.socket, backend: Backend, upstream: socket.socket) -> None:
         stats = backend.stats
-        session = _Session(stats, self.pcfg.idle_timeout)
         stats.active_connections += 1
         stats.total_connections += 1
+        session = Session(self.reactor, client, upstream, functools.partial(_add_in, stats),
+                          functools.partial(_add_out, stats), self._session_closed, backend)
         backend.sessions.add(session)
-        if session.idle:
-            session._touch()
-        try:
-            with session.scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._direction, upstream, client, session, session.count_out)
-                    await self._direction(client, upstream, session, session.count_in)
-        finally:
-            backend.sessions.discard(session)
-            stats.active_connections -= 1
-            if session.reset is not None:
-                abort(session.reset)
+        self.reactor.add(session)
 
-    async def _direction(self, src: socket.socket, dst: socket.socket, session: _Session, count: Any) -> None:
-        try:
-            await pump(src, dst, self.pipes, count)
-        except Broken as exc:
-            # Whoever broke, the survivor gets a reset too (SO_LINGER 0 on close).
-            session.reset = dst if exc.side == "src" else src
-            session.scope.cancel()
-            return
-        session.done += 1
-        if session.done == 1:  # half-closed: the other direction gets half_close_timeout
-            session.hard_deadline = trio.current_time() + self.pcfg.half_close_timeout
-            session.scope.deadline = min(session.scope.deadline, session.hard_deadline)
+    def _session_closed(self, session: Session) -> None:
+        backend: Backend = session.tag
+        backend.sessions.discard(session)
+        backend.stats.active_connections -= 1
+        self._released()
+
+    def _session_failed(self, session: Session, exc: BaseException) -> None:
+        self.log.error("proxy.session_failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
 
 
-async def _hold_sessions(stopped: trio.Event, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """A nursery for sessions that outer cancellation does not reach (the drain)."""
+def _add_in(stats: Any, n: int) -> None:
+    stats.bytes_in += n
+
+
+def _add_out(stats: Any, n: int) -> None:
+    stats.bytes_out += n
+
+
+async def _hold_sessions(
+    proxy: Proxy, stopped: trio.Event, *, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
+    """The reactor and the connecting clients, in a nursery that outer cancellation does not
+    reach: after ``stopped`` they run until every session ended or the scope's deadline (the
+    drain timeout) cancels them, which closes what is left."""
     with trio.CancelScope(shield=True) as scope:
         async with trio.open_nursery() as nursery:
+            reactor_scope = trio.CancelScope()
+
+            async def reactor() -> None:
+                with reactor_scope:
+                    await proxy.reactor.run()
+
+            nursery.start_soon(reactor)
             task_status.started((scope, nursery))
             await stopped.wait()
+            proxy.stopping = True
+            if proxy.state.active_connections:
+                await proxy.drained.wait()
+            reactor_scope.cancel()
 
 
 async def run_proxy(
@@ -365,7 +359,7 @@ async def run_proxy(
     drain_scope: trio.CancelScope | None = None
     try:
         async with trio.open_nursery() as nursery:
-            drain_scope, sessions = await nursery.start(_hold_sessions, stopped)
+            drain_scope, sessions = await nursery.start(_hold_sessions, proxy, stopped)
             proxy.health = HealthChecks(nursery, cfg.proxy.health.interval, proxy.check, proxy.observe)
             proxy.health.sync(list(proxy.pool))
             if cfg.proxy.discovery == "kubernetes":
