@@ -138,27 +138,49 @@ async def _in_ns(ns: str, *cmd: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.netns
-async def test_real_daemon_notifies_serves_metrics_and_stops(netns):
+async def test_real_daemon_notifies_serves_metrics_and_stops(netns, tmp_path):
     env = {
         "PATH": os.environ["PATH"],
         "VIPD_ADDRESS": "192.0.2.10", "VIPD_INTERFACE": "d0", "VIPD_ELECTION": "none",
         "VIPD_PROXY": "false", "VIPD_STATUS_LISTEN": "127.0.0.1:2112", "VIPD_NODE": "node-a",
         "WATCHDOG_USEC": "1000000",
     }
+    log_path = tmp_path / "vipd.log"
+
+    def daemon_log() -> str:
+        return log_path.read_text()[-3000:]
+
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with notify_socket() as ns_sock, trio.fail_after(60):
         env["NOTIFY_SOCKET"] = ns_sock.env_value
         async with trio.open_nursery() as nursery:
             proc = await nursery.start(functools.partial(
                 trio.run_process, ["ip", "netns", "exec", netns, str(VIPD_BIN), "start"], env=env, check=False,
-                capture_stdout=True, capture_stderr=True))
+                stdout=log_fd, stderr=subprocess.STDOUT))
+            os.close(log_fd)  # the daemon has its own copy
+
+            async def notify_until(pred) -> None:
+                """Read notify messages until pred(messages); fail with the daemon's log if it exits."""
+                async with trio.open_nursery() as inner:
+                    async def watch_exit() -> None:
+                        await proc.wait()
+                        raise AssertionError(f"vipd exited {proc.returncode}:\n{daemon_log()}")
+
+                    inner.start_soon(watch_exit)
+                    with trio.move_on_after(30) as scope:
+                        while not pred(ns_sock.messages):
+                            await ns_sock.receive()
+                    inner.cancel_scope.cancel()
+                assert not scope.cancelled_caught, f"notify messages {ns_sock.messages}\n{daemon_log()}"
+
             try:
                 # READY=1 and the leader's STATUS=, in whichever order the tasks got there.
-                while not (any(m.get("READY") == "1" for m in ns_sock.messages)
-                           and any(m.get("STATUS", "").startswith("leader") for m in ns_sock.messages)):
-                    await ns_sock.receive()
+                await notify_until(lambda ms: any(m.get("READY") == "1" for m in ms)
+                                   and any(m.get("STATUS", "").startswith("leader") for m in ms))
                 status = [m["STATUS"] for m in ns_sock.messages if m.get("STATUS", "").startswith("leader")]
                 assert "192.0.2.10/32" in status[0]
-                await ns_sock.wait_for("WATCHDOG", "1")
+                seen = len(ns_sock.messages)
+                await notify_until(lambda ms: any(m.get("WATCHDOG") == "1" for m in ms[seen:]))
 
                 metrics = await _in_ns(netns, "curl", "-sS", "--max-time", "5", "http://127.0.0.1:2112/metrics")
                 assert metrics.returncode == 0, metrics.stderr
@@ -178,6 +200,6 @@ async def test_real_daemon_notifies_serves_metrics_and_stops(netns):
             finally:
                 proc.send_signal(signal.SIGTERM)
             await ns_sock.wait_for("STOPPING", "1")
-        assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+        assert proc.returncode == 0, daemon_log()
         addrs = await _in_ns(netns, "ip", "-o", "addr", "show", "dev", "d0")
         assert "192.0.2.10" not in addrs.stdout.decode()  # the VIP left with the daemon
