@@ -55,13 +55,17 @@ class StartedBox:
         return run
 
 
-def fake_task(gate: trio.Event | None = None, hold_on_cancel: trio.Event | None = None) -> Any:
-    """FAKE data-plane task: reports started once ``gate`` is set; on cancellation it waits
-    (shielded) for ``hold_on_cancel`` so a test can look at the daemon while it stops."""
+def fake_task(gate: trio.Event | None = None, hold_on_cancel: trio.Event | None = None,
+              on_started: Any = None) -> Any:
+    """FAKE data-plane task: reports started once ``gate`` is set (calling ``on_started()``
+    first); on cancellation it waits (shielded) for ``hold_on_cancel`` so a test can look at
+    the daemon while it stops."""
 
     async def run(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         if gate is not None:
             await gate.wait()
+        if on_started is not None:
+            on_started()
         task_status.started()
         try:
             await trio.sleep_forever()

@@ -76,6 +76,11 @@ def test_route_readyz_names_missing_tasks_and_stopping():
     resp = route("GET", "/readyz", "", s, build_registry(s), 100.5)
     assert resp.status == 503 and b"waiting for proxy" in resp.body
     s.ready.add("proxy")
+    s.proxy.listening = False
+    resp = route("GET", "/readyz", "", s, build_registry(s), 100.5)
+    assert resp.status == 503 and b"waiting for proxy listener" in resp.body
+    s.proxy.listening = True
+    assert route("GET", "/readyz", "", s, build_registry(s), 100.5).status == 200
     s.stopping = True
     resp = route("GET", "/readyz", "", s, build_registry(s), 100.5)
     assert resp.status == 503 and b"stopping" in resp.body
@@ -234,7 +239,8 @@ async def test_daemon_readyz_flips_and_metrics_scrape_and_notify():
                     ("notify", lambda **kw: run_notify(cfg, state, w.leadership.subscribe(), environ=env, **kw)),
                 ],
                 vip=[("address", fake_task(gate))],
-                proxy=[("proxy", fake_task(hold_on_cancel=drain))],
+                proxy=[("proxy", fake_task(hold_on_cancel=drain,
+                                           on_started=lambda: setattr(state.proxy, "listening", True)))],
                 election=("election", fake_task()),
             )
 

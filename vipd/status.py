@@ -14,7 +14,8 @@ Theory of operation:
       413. Any malformed request gets h11's 4xx hint and the connection is closed. Errors of
       one connection are contained in its task: the daemon is never disturbed.
     * Liveness is "the supervisor's tick is recent" (it ticks every 0.5 s); readiness is
-      ``state.is_ready`` (every expected task reported started, and not stopping).
+      ``state.is_ready`` (every expected task reported started, and not stopping) and, when
+      the proxy runs, its listener open (``state.proxy.listening``).
 
 Must never: change ``RuntimeState``, block the trio thread, or let one connection's error
 escape into the supervisor.
@@ -89,10 +90,22 @@ def status_document(state: RuntimeState) -> dict[str, Any]:
     }
 
 
+def readiness_missing(state: RuntimeState) -> list[str]:
+    """What /readyz waits for: tasks not started yet, and the proxy's listener."""
+    missing = sorted(state.expected - state.ready)
+    if "proxy" in state.expected and "proxy" not in missing and not state.proxy.listening:
+        missing.append("proxy listener")
+    return missing
+
+
+def is_ready(state: RuntimeState) -> bool:
+    return state.is_ready and not readiness_missing(state)
+
+
 def readiness_text(state: RuntimeState) -> str:
     if state.stopping:
         return "not ready: stopping\n"
-    missing = sorted(state.expected - state.ready)
+    missing = readiness_missing(state)
     if missing:
         return "not ready: waiting for " + ", ".join(missing) + "\n"
     return "ok\n"
@@ -113,7 +126,7 @@ class RuntimeCollector(Collector):
         info.add_metric([__version__], {})
         yield info
         yield GaugeMetricFamily("vipd_ready", "1 when every task has started and vipd is not stopping",
-                                value=int(s.is_ready))
+                                value=int(is_ready(s)))
 
         g = GaugeMetricFamily("vipd_leader", "1 when this node holds the lease", labels=["node"])
         g.add_metric([s.node], int(e.role == "leader"))
@@ -191,7 +204,7 @@ def route(method: str, target: str, accept: str, state: RuntimeState, registry: 
         return _text(200, "ok\n") if is_live(state, now) else _text(503, "supervisor loop stalled\n")
     if path == "/readyz":
         text = readiness_text(state)
-        return _text(200 if state.is_ready else 503, text)
+        return _text(200 if is_ready(state) else 503, text)
     if path == "/metrics":
         encoder, content_type = choose_encoder(accept)
         return Response(200, encoder(registry), content_type)
