@@ -152,16 +152,17 @@ class Broken(Exception):
 class _Direction:
     """One direction of a session: src → pipe → dst."""
 
-    __slots__ = ("src", "dst", "sfd", "dfd", "pipe", "in_pipe", "eof", "blocked", "count", "buf")
+    __slots__ = ("src", "dst", "sfd", "dfd", "pipe", "in_pipe", "eof", "blocked", "stats", "inbound", "buf")
 
-    def __init__(self, src: socket.socket, dst: socket.socket, count: Callable[[int], None]) -> None:
+    def __init__(self, src: socket.socket, dst: socket.socket, stats: Any, inbound: bool) -> None:
         self.src, self.dst = src, dst
         self.sfd, self.dfd = src.fileno(), dst.fileno()
         self.pipe: tuple[int, int] | None = None
         self.in_pipe = 0
         self.eof = False  # src sent FIN and it was forwarded (dst shut for writing)
         self.blocked = False  # bytes wait in the pipe for dst to become writable
-        self.count = count
+        self.stats = stats  # BackendState: bytes_in (client → backend) / bytes_out
+        self.inbound = inbound
         self.buf: memoryview | None = None  # fallback path: the unsent tail
 
     def read(self, pipes: PipePool) -> None:
@@ -200,7 +201,10 @@ class _Direction:
             except OSError as exc:
                 raise Broken(self.dst, exc) from exc
             self.in_pipe -= m
-            self.count(m)
+            if self.inbound:
+                self.stats.bytes_in += m
+            else:
+                self.stats.bytes_out += m
         self.blocked = False
         pipes.release(self.pipe)  # type: ignore[arg-type]
         self.pipe = None
@@ -228,7 +232,10 @@ class _Direction:
                 return
             except OSError as exc:
                 raise Broken(self.dst, exc) from exc
-            self.count(m)
+            if self.inbound:
+                self.stats.bytes_in += m
+            else:
+                self.stats.bytes_out += m
             self.buf = self.buf[m:] if m < len(self.buf) else None
         self.blocked = False
 
@@ -260,16 +267,15 @@ class Session:
         reactor: Reactor,
         client: socket.socket,
         upstream: socket.socket,
-        count_in: Callable[[int], None],
-        count_out: Callable[[int], None],
+        stats: Any,
         on_close: Callable[[Session], None],
         tag: Any = None,
     ) -> None:
         self.reactor = reactor
         self.client, self.upstream = client, upstream
         self.cfd, self.ufd = client.fileno(), upstream.fileno()
-        self.up = _Direction(client, upstream, count_in)  # client → backend
-        self.down = _Direction(upstream, client, count_out)  # backend → client
+        self.up = _Direction(client, upstream, stats, True)  # client → backend
+        self.down = _Direction(upstream, client, stats, False)  # backend → client
         self.masks = [0, 0]  # registered interest: [client, upstream]
         self.closed = False
         self.on_close = on_close
@@ -372,7 +378,7 @@ class Reactor:
         self.epoll = select.epoll()
         self.idle_timeout = idle_timeout
         self.half_close_timeout = half_close_timeout
-        self.sessions: dict[int, Session] = {}  # fd → session (both fds of each session)
+        self.sessions: dict[int, Any] = {}  # fd → Session (both fds) or a watched handler
         self.count = 0
         self.now = 0.0
         self._timers: list[list[Any]] = []
@@ -398,15 +404,21 @@ class Reactor:
             session.timer = self.call_later(self.idle_timeout, session._idle_check)
 
     def forget(self, session: Session) -> None:
-        for fd in (session.cfd, session.ufd):
-            if self.sessions.pop(fd, None) is not None:
-                try:
-                    self.epoll.unregister(fd)
-                except (OSError, ValueError):
-                    pass
+        """Before closing a session's sockets (closing removes them from the epoll set)."""
+        self.sessions.pop(session.cfd, None)
+        self.sessions.pop(session.ufd, None)
         self.count -= 1
         if self.count == 0:
             self._empty.set()
+
+    def watch(self, fd: int, handler: Any, mask: int) -> None:
+        """Send ``fd``'s events to ``handler.event(fd, ev)`` (e.g. a connect in progress)."""
+        self.sessions[fd] = handler
+        self.epoll.register(fd, mask)
+
+    def unwatch(self, fd: int) -> None:
+        if self.sessions.pop(fd, None) is not None:
+            self.epoll.unregister(fd)
 
     def call_at(self, when: float, fn: Callable[[], None]) -> list[Any]:
         entry = [when, next(self._seq), fn]
@@ -424,10 +436,10 @@ class Reactor:
 
     def close_all(self, reason: str) -> None:
         for session in list(self.sessions.values()):
-            session.close(reason)
+            session.close(reason)  # Session or a watched handler (connect in progress)
 
-    def _fail(self, session: Session, exc: BaseException) -> None:
-        if isinstance(exc, Broken):
+    def _fail(self, session: Any, exc: BaseException) -> None:
+        if isinstance(exc, Broken) and isinstance(session, Session):
             # The survivor gets a reset too (SO_LINGER 0 on close).
             other = session.upstream if exc.sock is session.client else session.client
             session.close(f"reset: {exc}", reset=other)
@@ -449,20 +461,20 @@ class Reactor:
         epfd = self.epoll.fileno()
         poll = self.epoll.poll
         sessions = self.sessions
+        inf = float("inf")
+        wait_readable = trio.lowlevel.wait_readable
         try:
             while True:
                 if self._timers:
                     self._fire_timers()
                     while self._timers and self._timers[0][2] is None:
                         heapq.heappop(self._timers)
-                if self._timers or self.idle_timeout:
-                    deadline = self._timers[0][0] if self._timers else float("inf")
-                    with trio.CancelScope(deadline=deadline) as scope:
-                        self._wait_scope = scope
-                        await trio.lowlevel.wait_readable(epfd)
-                    self._wait_scope = None
-                else:
-                    await trio.lowlevel.wait_readable(epfd)
+                # In a scope whose deadline is the next timer; call_at() moves it earlier.
+                deadline = self._timers[0][0] if self._timers else inf
+                with trio.CancelScope(deadline=deadline) as scope:
+                    self._wait_scope = scope
+                    await wait_readable(epfd)
+                self._wait_scope = None
                 if self.idle_timeout:
                     self.now = trio.current_time()
                 events = poll(0, _MAX_EVENTS)

@@ -17,10 +17,10 @@ nursery under a shielded scope that gets ``drain_timeout`` to finish before bein
 from __future__ import annotations
 
 import errno
-import functools
 import ipaddress
 import os
 import resource
+import select
 import socket
 from typing import Any
 
@@ -38,6 +38,8 @@ _IP_FREEBIND = 15
 _IPV6_FREEBIND = 78
 _ACCEPT_BATCH = 64
 _ACCEPT_BACKOFF = 0.1  # EMFILE and friends: the listener stays readable, so wait instead of spin
+_DNS_TTL = 30.0
+_EPOLLOUT = select.EPOLLOUT
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _wait_readable = trio.lowlevel.wait_readable
 _wait_writable = trio.lowlevel.wait_writable
@@ -129,6 +131,8 @@ class Proxy:
         self._below_limit = trio.Event()
         self._limited = False
         self._families: dict[str, int] = {}
+        self._resolved: dict[tuple[str, int], tuple[float, int, Any]] = {}
+        self._nursery: trio.Nursery | None = None
 
     # -- backends ------------------------------------------------------------------------
 
@@ -174,6 +178,7 @@ class Proxy:
         self.state.listening = False
 
     async def accept_loop(self, lsock: socket.socket, sessions: trio.Nursery) -> None:
+        self._nursery = sessions
         st = self.state
         limit = self.pcfg.max_connections
         resource_error = False
@@ -206,7 +211,10 @@ class Proxy:
                 client.setblocking(False)
                 st.active_connections += 1
                 st.total_connections += 1
-                sessions.start_soon(self.serve, client)
+                try:
+                    self.start(client)
+                except Exception as exc:  # contain: never let one client stop accepting
+                    self._session_failed(None, exc)
                 if st.active_connections >= limit:
                     break
 
@@ -220,85 +228,102 @@ class Proxy:
             self._below_limit.set()
             self.log.info("proxy.connection_limit_cleared", active=st.active_connections)
 
-    async def serve(self, client: socket.socket) -> None:
-        """Connect a new client to a backend and hand both sockets to the reactor. Contains
-        every error of its own; a client with no backend to go to is closed at once."""
-        handed_over = False
-        try:
-            backend, upstream = await self.connect()
-            if upstream is None or backend is None:
-                self.state.rejected_connections += 1
-                return
-            try:
-                self._established(client, backend, upstream)
-                handed_over = True
-            except BaseException:
-                upstream.close()
-                raise
-        except OSError as exc:
-            self.log.debug("proxy.connect_error", error=f"{type(exc).__name__}: {exc}")
-        except Exception as exc:  # contain: one session's bug must not stop the server
-            self.log.error("proxy.session_failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
-        finally:
-            if not handed_over:
-                client.close()
-                self._released()
+    # -- connecting (driven by the reactor: no task per connection) ----------------------------
 
-    def _family(self, host: str) -> int:
+    def start(self, client: socket.socket) -> None:
+        """A new client: connect it to a healthy backend, then hand the pair to the reactor."""
+        self._try_next(_Connecting(self, client))
+
+    def _try_next(self, c: _Connecting) -> None:
+        """Connect ``c`` to the next healthy backend not tried yet; none left → close it."""
+        while True:
+            backend = self.pool.pick(c.tried)
+            if backend is None:
+                self.state.rejected_connections += 1
+                c.client.close()
+                self._released()
+                return
+            c.tried.append(backend)
+            addr = self._address(backend)
+            if addr is None:  # a host name not resolved recently: resolve in a task, then retry
+                c.tried.pop()
+                self._nursery.start_soon(self._resolve_then_retry, c, backend)
+                return
+            family, sockaddr = addr
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            except OSError as exc:
+                self._connect_failed(backend, exc.errno or errno.EMFILE)
+                continue
+            try:
+                tune(sock)
+                err = sock.connect_ex(sockaddr)
+            except OSError as exc:
+                err = exc.errno or errno.EIO
+            if err == 0:
+                self._established(c.client, backend, sock)
+                return
+            if err == errno.EINPROGRESS:
+                c.backend, c.sock = backend, sock
+                self.reactor.watch(sock.fileno(), c, _EPOLLOUT)
+                c.timer = self.reactor.call_later(self.pcfg.connect_timeout, c.timed_out)
+                return
+            sock.close()
+            self._connect_failed(backend, err)
+
+    def _connect_failed(self, backend: Backend, err: int) -> None:
+        backend.stats.failed_connects += 1
+        self.observe(backend, False, f"connect: {os.strerror(err)}")
+
+    def _connected(self, c: _Connecting, err: int) -> None:
+        sock, backend = c.sock, c.backend
+        c.sock = c.backend = None
+        self.reactor.unwatch(sock.fileno())
+        if c.timer is not None:
+            c.timer[2] = None
+            c.timer = None
+        if err == 0:
+            self._established(c.client, backend, sock)
+            return
+        sock.close()
+        self._connect_failed(backend, err)
+        self._try_next(c)
+
+    def _address(self, backend: Backend) -> tuple[int, Any] | None:
+        host = backend.host
         fam = self._families.get(host)
         if fam is None:
             try:
                 fam = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
             except ValueError:
-                fam = 0  # a name: resolve per connect
+                fam = 0  # a name
             self._families[host] = fam
-        return fam
+        if fam:
+            return fam, (host, backend.port)
+        cached = self._resolved.get((host, backend.port))
+        if cached is not None and cached[0] > trio.current_time():
+            return cached[1], cached[2]
+        return None
 
-    async def connect(self) -> tuple[Backend | None, socket.socket | None]:
-        """Connect to a healthy backend, trying the next one on failure or timeout."""
-        tried: list[Backend] = []
-        while True:
-            backend = self.pool.pick(tried)
-            if backend is None:
-                return None, None
-            tried.append(backend)
-            err, sock = await self._connect_one(backend)
-            if sock is not None:
-                return backend, sock
-            backend.stats.failed_connects += 1
-            self.observe(backend, False, f"connect: {os.strerror(err)}")
-
-    async def _connect_one(self, backend: Backend) -> tuple[int, socket.socket | None]:
-        family = self._family(backend.host)
-        addr: tuple[Any, ...] = (backend.host, backend.port)
-        if family == 0:
-            try:
-                infos = await trio.socket.getaddrinfo(backend.host, backend.port, type=socket.SOCK_STREAM)
-            except OSError:
-                return errno.EHOSTUNREACH, None
-            family, _, _, _, addr = infos[0]
-        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    async def _resolve_then_retry(self, c: _Connecting, backend: Backend) -> None:
         try:
-            tune(sock)
-            err = sock.connect_ex(addr)
-            if err == errno.EINPROGRESS:
-                with trio.move_on_after(self.pcfg.connect_timeout) as cs:
-                    await _wait_writable(sock)
-                err = errno.ETIMEDOUT if cs.cancelled_caught else sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        except BaseException:
-            sock.close()
-            raise
-        if err:
-            sock.close()
-            return err, None
-        return 0, sock
+            infos = await trio.socket.getaddrinfo(backend.host, backend.port, type=socket.SOCK_STREAM)
+            family, _, _, _, sockaddr = infos[0]
+            self._resolved[(backend.host, backend.port)] = (trio.current_time() + _DNS_TTL, family, sockaddr)
+        except OSError as exc:
+            c.tried.append(backend)
+            self._connect_failed(backend, exc.errno or errno.EHOSTUNREACH)
+        try:
+            self._try_next(c)
+        except Exception as exc:  # contain
+            self._session_failed(None, exc)
+            c.close("error")
 
     def _established(self, client: socket.socket, backend: Backend, upstream: socket.socket) -> None:
         stats = backend.stats
         stats.active_connections += 1
         stats.total_connections += 1
-        session = Session(self.reactor, client, upstream, functools.partial(_add_in, stats),
-                          functools.partial(_add_out, stats), self._session_closed, backend)
+        session = Session(self.reactor, client, upstream, stats, self._session_closed, backend)
         backend.sessions.add(session)
         self.reactor.add(session)
 
@@ -308,16 +333,42 @@ class Proxy:
         backend.stats.active_connections -= 1
         self._released()
 
-    def _session_failed(self, session: Session, exc: BaseException) -> None:
+    def _session_failed(self, session: Any, exc: BaseException) -> None:
         self.log.error("proxy.session_failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
 
 
-def _add_in(stats: Any, n: int) -> None:
-    stats.bytes_in += n
+class _Connecting:
+    """A client whose backend connection is in progress (registered for EPOLLOUT)."""
 
+    __slots__ = ("proxy", "client", "sock", "backend", "tried", "timer")
 
-def _add_out(stats: Any, n: int) -> None:
-    stats.bytes_out += n
+    def __init__(self, proxy: Proxy, client: socket.socket) -> None:
+        self.proxy = proxy
+        self.client = client
+        self.sock: socket.socket | None = None
+        self.backend: Backend | None = None
+        self.tried: list[Backend] = []
+        self.timer: list[Any] | None = None
+
+    def event(self, fd: int, ev: int) -> None:
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # type: ignore[union-attr]
+        self.proxy._connected(self, err)
+
+    def timed_out(self) -> None:
+        self.timer = None
+        if self.sock is not None:
+            self.proxy._connected(self, errno.ETIMEDOUT)
+
+    def close(self, reason: str) -> None:
+        """Drain deadline or an error: give up on this client."""
+        if self.sock is not None:
+            self.proxy.reactor.unwatch(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+            if self.timer is not None:
+                self.timer[2] = None
+            self.client.close()
+            self.proxy._released()
 
 
 async def _hold_sessions(
