@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
+from vipd.config import Config
 from vipd.election.backend import BackendUnavailable, LeaseConflict, LeaseRecord
+from vipd.election.runner import run_election
+from vipd.events import Fanout, Leadership
+from vipd.state import RuntimeState
 
 
 @dataclass
@@ -165,3 +170,67 @@ class FakeNetwork:
     def notify(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
+
+
+class ElectorHarness:
+    """One node's election task with its state, its Leadership events (with trio times), a
+    cancel scope that stops it gracefully, and its release gate."""
+
+    def __init__(self, node: str, cfg: Config, backend: Any, *, vip_gone: bool = False) -> None:
+        self.node, self.cfg, self.backend = node, cfg, backend
+        self.state = RuntimeState(node=node)
+        self.fanout = Fanout()
+        self.events: list[tuple[float, Leadership]] = []
+        self.gate = trio.Event()
+        if vip_gone:
+            self.gate.set()
+        self.scope = trio.CancelScope()
+        self.done = trio.Event()
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        recv = self.fanout.subscribe(200)
+
+        async def collect() -> None:
+            async for ev in recv:
+                self.events.append((trio.current_time(), ev))
+
+        try:
+            async with trio.open_nursery() as outer:
+                outer.start_soon(collect)
+                with self.scope:
+                    async with trio.open_nursery() as inner:
+                        await inner.start(run_election, self.cfg, self.backend, self.fanout, self.state,
+                                          self.gate)
+                        task_status.started()
+                await self.fanout.aclose()  # the election's cleanup is done: let the collector finish
+        finally:
+            self.done.set()
+
+    @property
+    def leader(self) -> bool:
+        return self.state.election.role == "leader"
+
+
+async def until(pred: Any, step: float = 0.01) -> None:
+    """Poll a condition on the trio clock (cap the caller with fail_after)."""
+    while True:
+        if pred():
+            return
+        await trio.sleep(step)
+
+
+async def start_all(nursery: trio.Nursery, electors: list[ElectorHarness], *, wait_leader: bool = True) -> None:
+    for e in electors:
+        await nursery.start(e.run)
+    if wait_leader:
+        await until(lambda: any(e.leader for e in electors))
+
+
+async def sample_leaders(electors: list[ElectorHarness], duration: float, step: float = 0.01) -> list[list[str]]:
+    """Who claims leadership, sampled every ``step`` for ``duration`` (trio clock)."""
+    seen = []
+    end = trio.current_time() + duration
+    while trio.current_time() < end:
+        seen.append([e.node for e in electors if e.leader])
+        await trio.sleep(step)
+    return seen

@@ -11,6 +11,10 @@ Rules every backend keeps:
 - ``acquire`` and ``renew`` are optimistic: the server decides (resourceVersion, etcd txn).
   A write that lost the race raises ``LeaseConflict``; the caller re-reads at once.
 - ``trio.Cancelled`` is never swallowed.
+- Optional class attribute ``server_expires = True``: the server itself removes a record whose
+  holder stopped renewing (etcd: the key lives on a TTL lease of at least lease_duration).
+  Followers then take the lease only when the record is empty, never by the "unchanged for
+  lease_duration" rule. Absent or False (Kubernetes Lease): the machine applies that rule.
 """
 
 from __future__ import annotations

@@ -1,0 +1,187 @@
+"""The etcd backend against a real etcd-server (Debian etcd-server 3.4) on loopback.
+
+In-process: the protocol calls, three electors (exactly one leader at every sampled instant),
+graceful hand-over through the watch, etcd killed and restarted. Out of process (real SIGKILL):
+the crashed leader is replaced within TTL + retry period.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import pytest
+import trio
+
+from bench.election_timing import ElectorProc, assert_never_two_leaders, first_leader
+from tests.election_fixtures import ElectorHarness, sample_leaders, start_all, until
+from tests.etcd_fixtures import EtcdServer, etcd_server  # noqa: F401 (fixture)
+from vipd import config as config_mod
+from vipd.election.backend import LeaseConflict
+from vipd.election.etcd import EtcdLeaseBackend, lease_ttl
+
+pytestmark = pytest.mark.etcd
+
+
+def make_cfg(node: str, endpoints: list[str], prefix: str, **flags: Any) -> config_mod.Config:
+    base = {"vip.address": ["192.0.2.10"], "election.backend": "etcd", "proxy.enabled": False,
+            "node": node, "shutdown_timeout": "3s", "proxy.drain_timeout": "1s",
+            "election.etcd.endpoints": endpoints, "election.etcd.prefix": prefix}
+    base.update(flags)
+    return config_mod.load(environ={}, flags=base)
+
+
+def fresh_prefix() -> str:
+    return f"/vipd-test-{uuid.uuid4().hex[:8]}/"
+
+
+def electors_for(server: EtcdServer, count: int = 3) -> list[ElectorHarness]:
+    prefix = fresh_prefix()
+    cfgs = [make_cfg(f"n{i}", [server.url], prefix) for i in range(count)]
+    return [ElectorHarness(c.node, c, EtcdLeaseBackend(c), vip_gone=True) for c in cfgs]
+
+
+async def sample(electors: list[ElectorHarness], duration: float) -> list[int]:
+    return [len(who) for who in await sample_leaders(electors, duration)]
+
+
+async def test_backend_calls_against_real_etcd(etcd_server):  # noqa: F811
+    prefix = fresh_prefix()
+    a = EtcdLeaseBackend(make_cfg("a", [etcd_server.url], prefix))
+    b = EtcdLeaseBackend(make_cfg("b", [etcd_server.url], prefix))
+    assert a.server_expires and a.ttl == 2 and lease_ttl(2.5) == 3 and lease_ttl(0.5) == 2
+    with trio.fail_after(10):
+        dl = lambda: trio.current_time() + 2  # noqa: E731
+        assert await a.observe(dl()) is None
+        rec = await a.acquire(None, dl())
+        assert rec.holder == "a" and rec.term == int(rec.version)
+        with pytest.raises(LeaseConflict):
+            await b.acquire(None, dl())
+        seen = await b.observe(dl())
+        assert seen == rec
+        renewed = await a.renew(rec, dl())
+        assert renewed.version == rec.version  # keep-alive does not write the key
+        t0 = trio.current_time()
+        async with trio.open_nursery() as n:
+            woke = trio.Event()
+
+            async def watch() -> None:
+                await b.wait_change(seen, trio.current_time() + 5)
+                woke.set()
+
+            n.start_soon(watch)
+            await trio.sleep(0.2)
+            await a.release(rec, dl())
+            await woke.wait()
+        assert trio.current_time() - t0 < 1.0
+        assert await b.observe(dl()) is None
+        # An expired lease: keep-alive answers 200 without TTL → the lease is lost.
+        rec = await b.acquire(None, dl())
+        lease = b.lease_id
+        await b._post("/v3/lease/revoke", {"ID": lease}, dl())
+        with pytest.raises(LeaseConflict):
+            await b.renew(rec, dl())
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_failover_to_second_endpoint(etcd_server):  # noqa: F811
+    from tests.etcd_fixtures import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    backend = EtcdLeaseBackend(make_cfg("a", [dead, etcd_server.url], fresh_prefix()))
+    with trio.fail_after(10):
+        assert await backend.observe(trio.current_time() + 2) is None
+        assert backend.endpoints[backend._current] == etcd_server.url
+        await backend.aclose()
+
+
+async def test_three_electors_one_leader_and_graceful_handover(etcd_server, record_property):  # noqa: F811
+    electors = electors_for(etcd_server)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as n:
+            await start_all(n, electors)
+            counts = await sample(electors, 3.0)
+            assert counts and all(c == 1 for c in counts)
+            (leader,) = [e for e in electors if e.leader]
+            t_stop = trio.current_time()
+            leader.scope.cancel()
+            await until(lambda: any(e.leader for e in electors if e is not leader), step=0.001)
+            handover = trio.current_time() - t_stop
+            record_property("graceful_handover_ms", round(handover * 1000, 1))
+            print(f"graceful hand-over: {handover * 1000:.1f} ms")
+            assert handover <= 0.5  # within one retry period; typically tens of ms (watch)
+            counts = await sample(electors, 1.0)
+            assert all(c == 1 for c in counts)
+            n.cancel_scope.cancel()
+
+
+async def test_etcd_restart_never_two_leaders(etcd_server):  # noqa: F811
+    electors = electors_for(etcd_server)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            await start_all(n, electors)
+            counts = await sample(electors, 1.0)
+            await trio.to_thread.run_sync(etcd_server.kill)
+            counts += await sample(electors, 2.5)
+            assert not any(e.leader for e in electors)  # renew deadline passed: everyone stepped down
+            restart = trio.to_thread.run_sync(etcd_server.start)
+            n.start_soon(lambda: restart)
+            while not etcd_server.running:
+                counts.append(sum(e.leader for e in electors))
+                await trio.sleep(0.01)
+            counts += await sample(electors, 5.0)
+            assert max(counts) == 1 and counts[-1] == 1
+            n.cancel_scope.cancel()
+    # Fencing: nobody took over before the previous leader's last fence_until.
+    spans = []
+    for e in electors:
+        start = fence = None
+        for t, ev in e.events:
+            if ev.leader and start is None:
+                start = t
+            if ev.fence_until is not None:
+                fence = ev.fence_until
+            if not ev.leader and start is not None:
+                spans.append((start, t, fence, e.node))
+                start = None
+    spans.sort()
+    for (_s1, e1, f1, n1), (s2, _e2, _f2, n2) in zip(spans, spans[1:], strict=False):
+        if n1 != n2:
+            assert e1 <= s2 and s2 >= f1
+
+
+def test_sigkilled_leader_replaced_within_ttl_plus_retry(etcd_server, record_property):  # noqa: F811
+    prefix = fresh_prefix()
+    procs = [ElectorProc(etcd_server.url, f"n{i}", prefix=prefix) for i in range(3)]
+    try:
+        got = first_leader(procs, 0.0, 30)
+        assert got is not None, "no leader"
+        leader, _ = got
+        time.sleep(1.0)
+        leader.kill()
+        nxt = first_leader(procs, leader.killed_at, 10, exclude=leader)
+        assert nxt is not None
+        took = nxt[1] - leader.killed_at
+        record_property("crash_failover_ms", round(took * 1000, 1))
+        print(f"crash fail-over: {took * 1000:.1f} ms")
+        # TTL 2 s + retry 0.5 s, + etcd's 0.5 s expiry sweep, + slack for this shared 2-core box.
+        assert took <= 2.0 + 0.5 + 0.5 + 1.0
+        # graceful stop of the new leader (real SIGTERM): hand-over through the watch
+        t_term = nxt[0].terminate()
+        again = first_leader(procs, t_term, 10, exclude=nxt[0])
+        assert again is not None
+        record_property("sigterm_handover_ms", round((again[1] - t_term) * 1000, 1))
+        assert_never_two_leaders(procs)
+    finally:
+        for p in procs:
+            p.close()
+
+
+def test_etcd_server_helper_restart():
+    with EtcdServer(name="vipd-helper") as server:
+        assert server.running
+        server.restart(kill=False)
+        assert server.running
+    assert not server.running
