@@ -241,3 +241,142 @@ async def test_api_server_override_keeps_kubeconfig_credentials(tmp_path: Any) -
         async with backends(fake, "node-b") as (b,):
             with pytest.raises(BackendUnavailable):
                 await b.observe(soon())
+
+
+# ---------------------------------------------------------------------------------------------
+# Three electors (the real election runner + KubeLeaseBackend) against the fake apiserver.
+# ---------------------------------------------------------------------------------------------
+
+
+class Elector:
+    """One node: run_election with its own KubeLeaseBackend; records its Leadership events."""
+
+    def __init__(self, fake: FakeApiServer, node: str):
+        from vipd.events import Fanout
+        from vipd.state import RuntimeState
+
+        self.node = node
+        self.cfg = kube_config(fake, node=node)
+        self.backend = KubeLeaseBackend(self.cfg)
+        self.fanout = Fanout()
+        self.state = RuntimeState(node=node)
+        self.gate = trio.Event()
+        self.gate.set()  # no VIP to remove first: release as soon as stopped
+        self.events: list[tuple[float, bool]] = []
+        self.leader = False
+        self.scope: trio.CancelScope | None = None
+        self.done = trio.Event()
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        from vipd.election.runner import run_election
+
+        recv = self.fanout.subscribe(buffer=1000)
+        try:
+            async with trio.open_nursery() as outer:
+                outer.start_soon(self._follow, recv)
+                async with trio.open_nursery() as election:  # stop() cancels just this
+                    self.scope = election.cancel_scope
+                    await election.start(run_election, self.cfg, self.backend, self.fanout,
+                                         self.state, self.gate)
+                    task_status.started()
+                await self.fanout.aclose()  # the election has ended: _follow drains and ends
+        finally:
+            await self.backend.aclose()
+            self.done.set()
+
+    async def _follow(self, recv: Any) -> None:
+        async for ev in recv:
+            if ev.leader != self.leader:
+                self.leader = ev.leader
+                self.events.append((trio.current_time(), ev.leader))
+
+
+def leader_intervals(electors: list[Elector], end: float) -> list[tuple[float, float, str]]:
+    spans = []
+    for e in electors:
+        start = None
+        for t, lead in e.events:
+            if lead and start is None:
+                start = t
+            elif not lead and start is not None:
+                spans.append((start, t, e.node))
+                start = None
+        if start is not None:
+            spans.append((start, end, e.node))
+    return sorted(spans)
+
+
+def assert_never_two(electors: list[Elector]) -> None:
+    spans = leader_intervals(electors, trio.current_time())
+    for i, (s1, e1, n1) in enumerate(spans):
+        for s2, e2, n2 in spans[i + 1:]:
+            assert n1 == n2 or min(e1, e2) <= max(s1, s2), \
+                f"{n1} led {s1:.3f}-{e1:.3f} and {n2} led {s2:.3f}-{e2:.3f}"
+
+
+async def wait_leader(electors: list[Elector], exclude: Elector | None = None) -> Elector:
+    while True:
+        leaders = [e for e in electors if e.leader and e is not exclude]
+        if len(leaders) == 1:
+            return leaders[0]
+        await trio.sleep(0.01)  # noqa: ASYNC110 - polling three nodes' flags
+
+
+@contextlib.asynccontextmanager
+async def three_electors(fake: FakeApiServer) -> AsyncIterator[list[Elector]]:
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        electors = [Elector(fake, f"node-{c}") for c in "abc"]
+        for e in electors:
+            await nursery.start(e.run)
+        yield electors
+        nursery.cancel_scope.cancel()
+
+
+async def exactly_one_leader_while(electors: list[Elector], seconds: float) -> None:
+    """Sample every 50 ms: exactly one leader at every instant."""
+    for _ in range(int(seconds / 0.05)):
+        assert sum(e.leader for e in electors) == 1, [(e.node, e.leader) for e in electors]
+        await trio.sleep(0.05)
+
+
+@pytest.mark.slow
+async def test_three_electors_one_leader_and_release_handover(fake_apiserver: FakeApiServer) -> None:
+    with trio.fail_after(40):
+        async with three_electors(fake_apiserver) as electors:
+            first = await wait_leader(electors)
+            await exactly_one_leader_while(electors, 3.0)  # steady state: 6 lease renewals
+            assert fake_apiserver.lease(NS, NAME)["spec"]["holderIdentity"] == first.node
+            # graceful stop of the leader: it releases, another takes over within a retry or so
+            stopped_at = trio.current_time()
+            assert first.scope is not None
+            first.scope.cancel()
+            await first.done.wait()
+            assert first.leader is False
+            second = await wait_leader(electors, exclude=first)
+            took = trio.current_time() - stopped_at
+            assert took < first.cfg.election.lease_duration, f"took {took:.2f}s: release was not seen"
+            await exactly_one_leader_while(electors, 1.0)
+            assert_never_two(electors)
+            assert fake_apiserver.lease(NS, NAME)["spec"]["holderIdentity"] == second.node
+
+
+@pytest.mark.slow
+async def test_hung_apiserver_leader_steps_down_by_renew_deadline(fake_apiserver: FakeApiServer) -> None:
+    with trio.fail_after(40):
+        async with three_electors(fake_apiserver) as electors:
+            leader = await wait_leader(electors)
+            await trio.sleep(1.0)  # a few renewals
+            hung_at = trio.current_time()
+            fake_apiserver.mode = "hang"
+            while leader.leader:  # noqa: ASYNC110 - the elector's flag
+                await trio.sleep(0.01)
+            stepped_down = leader.events[-1][0]
+            rd = leader.cfg.election.renew_deadline
+            # the last successful renew started before hung_at, so the deadline is < hung_at + RD
+            assert stepped_down <= hung_at + rd + 0.25, f"stepped down {stepped_down - hung_at:.2f}s after the hang"
+            # nobody can lead while every request hangs
+            await trio.sleep(leader.cfg.election.lease_duration)
+            assert not any(e.leader for e in electors)
+            fake_apiserver.mode = "ok"
+            await wait_leader(electors)
+            assert_never_two(electors)
