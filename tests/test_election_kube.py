@@ -251,12 +251,12 @@ async def test_api_server_override_keeps_kubeconfig_credentials(tmp_path: Any) -
 class Elector:
     """One node: run_election with its own KubeLeaseBackend; records its Leadership events."""
 
-    def __init__(self, fake: FakeApiServer, node: str):
+    def __init__(self, fake: FakeApiServer, node: str, **flags: Any):
         from vipd.events import Fanout
         from vipd.state import RuntimeState
 
         self.node = node
-        self.cfg = kube_config(fake, node=node)
+        self.cfg = kube_config(fake, node=node, **flags)
         self.backend = KubeLeaseBackend(self.cfg)
         self.fanout = Fanout()
         self.state = RuntimeState(node=node)
@@ -380,3 +380,38 @@ async def test_hung_apiserver_leader_steps_down_by_renew_deadline(fake_apiserver
             fake_apiserver.mode = "ok"
             await wait_leader(electors)
             assert_never_two(electors)
+
+
+@pytest.mark.slow
+async def test_bootstrap_leads_while_forbidden_then_takes_the_lease(fake_apiserver: FakeApiServer) -> None:
+    """Kubernetes ≥ 1.29 during kubeadm init: admin.conf is forbidden until RBAC is bound."""
+    fake_apiserver.mode = "forbidden"
+    with trio.fail_after(20):
+        async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+            first = Elector(fake_apiserver, "node-a", **{"election.start_as_leader": True})
+            await nursery.start(first.run)
+            await wait_leader([first])
+            assert fake_apiserver.lease(NS, NAME) is None  # leading without a lease
+            fake_apiserver.mode = "ok"  # kubeadm bound kubeadm:cluster-admins
+            while fake_apiserver.lease(NS, NAME) is None:  # noqa: ASYNC110 - the fake's state
+                await trio.sleep(0.02)
+            assert fake_apiserver.lease(NS, NAME)["spec"]["holderIdentity"] == "node-a"
+            assert first.leader and len(first.events) == 1  # never stepped down in between
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.slow
+async def test_bootstrap_yields_to_a_lease_held_by_another_node(fake_apiserver: FakeApiServer) -> None:
+    fake_apiserver.set_lease(NS, NAME, holder="node-b", lease_duration_seconds=15,
+                             renew_time="2024-01-01T00:00:00.000000Z")
+    fake_apiserver.mode = "forbidden"
+    with trio.fail_after(20):
+        async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+            late = Elector(fake_apiserver, "node-a", **{"election.start_as_leader": True})
+            await nursery.start(late.run)
+            await wait_leader([late])
+            fake_apiserver.mode = "ok"
+            while late.leader:  # noqa: ASYNC110 - the elector's flag
+                await trio.sleep(0.02)
+            assert fake_apiserver.lease(NS, NAME)["spec"]["holderIdentity"] == "node-b"
+            nursery.cancel_scope.cancel()
