@@ -23,12 +23,13 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
@@ -41,7 +42,8 @@ BACKEND = "127.77.0.1"
 IPERF_PORT, NGINX_PORT, FRONT_PORT = 5201, 8080, 16443
 PROXIES = {"haproxy-stock": "127.77.1.1", "haproxy-tuned": "127.77.2.1", "vipd": "127.77.3.1"}
 IDLE = 9_900
-DUR = int(os.environ.get("VIPD_BENCH_SECONDS", "5"))
+DUR = int(os.environ.get("VIPD_BENCH_SECONDS", "3"))
+ROUNDS = int(os.environ.get("VIPD_BENCH_ROUNDS", "3"))
 
 Progress = Callable[[str], None]
 
@@ -163,6 +165,8 @@ def _run(argv: list[str], timeout: float = 120) -> str:
 def iperf3(host: str, port: int, streams: int) -> float:
     """Gbit/s received."""
     out = json.loads(_run(["iperf3", "-c", host, "-p", str(port), "-t", str(DUR), "-P", str(streams), "-J"]))
+    if "error" in out:
+        raise RuntimeError(f"iperf3 via {host}:{port}: {out['error']}")
     return out["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
@@ -172,6 +176,13 @@ class Wrk:
     p50: float  # seconds
     p99: float
     errors: int
+
+
+def _order(rnd: int) -> list[str]:
+    """Each round starts with a different kind, so a noisy moment on this shared machine does
+    not always hit the same one."""
+    k = list(KINDS)
+    return k[rnd % len(k):] + k[: rnd % len(k)]
 
 
 def wrk(host: str, port: int, conns: int, close: bool, seconds: int = DUR) -> Wrk:
@@ -273,8 +284,11 @@ COMMANDS = [
     f"(a) iperf3 -c HOST -p {FRONT_PORT} -t {DUR} -P 1|4 -J",
     f"(b) wrk -t1 -c32 -d{DUR}s --latency -H 'Connection: close' http://HOST:{FRONT_PORT}/",
     f"(c) wrk -t1 -c64 -d{DUR}s --latency http://HOST:{FRONT_PORT}/ ; and -c1 for the per-hop latency",
+    f"(a)-(c): {ROUNDS} rounds, every proxy running side by side, each round in a rotated order; "
+    "the table shows medians",
     f"(d) python -m bench.proxy hold HOST {FRONT_PORT} {IDLE}   # RSS from /proc/PID/status before/after",
     "HOST: direct = the backend itself; haproxy-stock 127.77.1.1, haproxy-tuned 127.77.2.1, vipd 127.77.3.1",
+    "added per-hop latency = median p50 with 1 connection through the proxy - the same direct",
 ]
 
 
@@ -283,6 +297,7 @@ def main(progress: Progress) -> str:
         if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
             raise RuntimeError(f"{tool} is not installed (make bench installs it as root)")
     metrics = {m.key: m for m in _metrics()}
+    samples: dict[str, dict[str, list[float]]] = {k: {kind: [] for kind in KINDS} for k in metrics}
     t0 = time.monotonic()
 
     def say(msg: str) -> None:
@@ -297,31 +312,42 @@ def main(progress: Progress) -> str:
             _process([nginx, "-c", str(_nginx_conf(tmp)), "-p", str(tmp), "-g", "daemon off;"],
                      BACKEND, NGINX_PORT),
         ):
-            say("iperf3 and nginx up")
-            for kind in KINDS:
-                with running(kind, tmp, IPERF_PORT) as (host, port, _):
-                    for streams, key in ((1, "tput1"), (4, "tput4")):
-                        v = iperf3(host, port, streams)
-                        metrics[key].values[kind] = v
-                        say(f"{kind:14s} iperf3 -P{streams}: {v:.1f} Gbit/s")
-            for kind in KINDS:
-                with running(kind, tmp, NGINX_PORT) as (host, port, proc):
-                    w = wrk(host, port, 32, close=True)
-                    metrics["connrate"].values[kind] = w.rps
-                    say(f"{kind:14s} wrk close: {w.rps:.0f} conn/s (errors {w.errors})")
-                    w = wrk(host, port, 64, close=False)
-                    metrics["ka_rps"].values[kind] = w.rps
-                    metrics["ka_p50"].values[kind] = w.p50 * 1e3
-                    metrics["ka_p99"].values[kind] = w.p99 * 1e3
-                    say(f"{kind:14s} wrk keep-alive 64: {w.rps:.0f} req/s p50 {w.p50 * 1e3:.3f} ms "
-                        f"p99 {w.p99 * 1e3:.3f} ms (errors {w.errors})")
-                    w = wrk(host, port, 1, close=False, seconds=max(3, DUR - 1))
-                    metrics["lat1"].values[kind] = w.p50 * 1e6
-                    say(f"{kind:14s} wrk 1 conn: p50 {w.p50 * 1e6:.0f} µs")
-                    if proc is not None:
-                        r = idle_rss(host, port, proc)
-                        metrics["rss"].values[kind] = r
-                        say(f"{kind:14s} {IDLE} idle connections: {r:.0f} bytes RSS each")
+            say(f"iperf3 and nginx up; {ROUNDS} rounds, kinds interleaved, medians reported")
+            with ExitStack() as stack:
+                at = {k: stack.enter_context(running(k, tmp, IPERF_PORT)) for k in KINDS}
+                for rnd in range(ROUNDS):
+                    for kind in _order(rnd):
+                        host, port, _ = at[kind]
+                        for streams, key in ((1, "tput1"), (4, "tput4")):
+                            v = iperf3(host, port, streams)
+                            samples[key][kind].append(v)
+                            say(f"round {rnd + 1} {kind:14s} iperf3 -P{streams}: {v:.1f} Gbit/s")
+            with ExitStack() as stack:
+                at = {k: stack.enter_context(running(k, tmp, NGINX_PORT)) for k in KINDS}
+                for rnd in range(ROUNDS):
+                    for kind in _order(rnd):
+                        host, port, _ = at[kind]
+                        w = wrk(host, port, 32, close=True)
+                        samples["connrate"][kind].append(w.rps)
+                        say(f"round {rnd + 1} {kind:14s} wrk close: {w.rps:.0f} conn/s (errors {w.errors})")
+                        w = wrk(host, port, 64, close=False)
+                        samples["ka_rps"][kind].append(w.rps)
+                        samples["ka_p50"][kind].append(w.p50 * 1e3)
+                        samples["ka_p99"][kind].append(w.p99 * 1e3)
+                        say(f"round {rnd + 1} {kind:14s} wrk keep-alive 64: {w.rps:.0f} req/s "
+                            f"p50 {w.p50 * 1e3:.3f} ms p99 {w.p99 * 1e3:.3f} ms (errors {w.errors})")
+                        w = wrk(host, port, 1, close=False)
+                        samples["lat1"][kind].append(w.p50 * 1e6)
+                        say(f"round {rnd + 1} {kind:14s} wrk 1 conn: p50 {w.p50 * 1e6:.0f} µs")
+                for kind in KINDS[1:]:
+                    host, port, proc = at[kind]
+                    r = idle_rss(host, port, proc)
+                    samples["rss"][kind].append(r)
+                    say(f"{kind:14s} {IDLE} idle connections: {r:.0f} bytes RSS each")
+    for key, per_kind in samples.items():
+        for kind, vals in per_kind.items():
+            if vals:
+                metrics[key].values[kind] = statistics.median(vals)
     for kind in KINDS[1:]:
         metrics["hop"].values[kind] = metrics["lat1"].values[kind] - metrics["lat1"].values["direct"]
     md = render_markdown(list(metrics.values()), started, time.monotonic() - t0)
@@ -423,7 +449,10 @@ def _serve(listen: str, backend: str) -> None:
     host, port = listen.rsplit(":", 1)
     cfg = config.load(flags={
         "election.backend": "none", "proxy.bind_to_vip": False, "proxy.bind_address": host,
+        # Like the HAProxy configs (no `check`): one TCP check at start, none during the runs
+        # (a check connecting to iperf3's server in the middle of a test aborts the test).
         "proxy.port": port, "proxy.backends": [backend], "proxy.health.check": "tcp",
+        "proxy.health.interval": "1h",
         "proxy.max_connections": 9950, "proxy.drain_timeout": "0s", "shutdown_timeout": "5s",
     }, environ={}, require_vip=False)
     log.configure(fmt="console", level="warning")

@@ -49,6 +49,7 @@ PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _COPY_SIZE = 64 * 1024
+_SMALL = 16 * 1024  # reads shorter than this are copied (recv/send), longer ones spliced
 _LINGER_ABORT = struct.pack("ii", 1, 0)
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 _ERR = select.EPOLLERR
@@ -73,6 +74,9 @@ class PipePool:
         self.held = 0
         self._idle: list[tuple[int, int]] = []
         self.splice = hasattr(os, "splice") if use_splice is None else use_splice
+        # Small reads go through this one buffer (send() at once), not through a pipe.
+        self.scratch = bytearray(_SMALL if self.splice else _COPY_SIZE)
+        self.scratch_view = memoryview(self.scratch)
         if self.splice:
             try:  # probe once: size the pipe, and find out whether this kernel/Python splices
                 self.release(self.acquire())
@@ -152,7 +156,8 @@ class Broken(Exception):
 class _Direction:
     """One direction of a session: src → pipe → dst."""
 
-    __slots__ = ("src", "dst", "sfd", "dfd", "pipe", "in_pipe", "eof", "blocked", "stats", "inbound", "buf")
+    __slots__ = ("src", "dst", "sfd", "dfd", "pipe", "in_pipe", "eof", "blocked", "stats", "inbound", "buf",
+                 "bulk")
 
     def __init__(self, src: socket.socket, dst: socket.socket, stats: Any, inbound: bool) -> None:
         self.src, self.dst = src, dst
@@ -163,12 +168,13 @@ class _Direction:
         self.blocked = False  # bytes wait in the pipe for dst to become writable
         self.stats = stats  # BackendState: bytes_in (client → backend) / bytes_out
         self.inbound = inbound
-        self.buf: memoryview | None = None  # fallback path: the unsent tail
+        self.buf: bytes | memoryview | None = None  # copy path: the unsent tail
+        self.bulk = False  # splice (True) or copy small reads through the shared buffer
 
     def read(self, pipes: PipePool) -> None:
         """src is readable (and our pipe is empty): one read, then drain."""
-        if not pipes.splice:
-            self._recv()
+        if not self.bulk:
+            self._recv(pipes)
             return
         pipe = pipes.acquire()
         try:
@@ -183,12 +189,14 @@ class _Direction:
             pipes.release(pipe)
             self._forward_eof()
             return
+        if n < _SMALL:
+            self.bulk = False  # back to copying: small messages are cheaper through send()
         self.pipe, self.in_pipe = pipe, n
         self.drain(pipes)
 
     def drain(self, pipes: PipePool) -> None:
         """Move what the pipe holds into dst; on EAGAIN stay blocked (caller re-arms)."""
-        if not pipes.splice:
+        if self.buf is not None:
             self._send()
             return
         pr = self.pipe[0]  # type: ignore[index]
@@ -209,10 +217,12 @@ class _Direction:
         pipes.release(self.pipe)  # type: ignore[arg-type]
         self.pipe = None
 
-    def _recv(self) -> None:
-        buf = bytearray(_COPY_SIZE)  # held only while bytes are in flight
+    def _recv(self, pipes: PipePool) -> None:
+        """Copy path: read into the pool's shared buffer and send at once; only an unsent tail
+        is kept (copied) per connection. A full buffer means bulk: splice from now on."""
+        scratch = pipes.scratch
         try:
-            n = self.src.recv_into(buf)
+            n = self.src.recv_into(scratch)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -220,8 +230,23 @@ class _Direction:
         if n == 0:
             self._forward_eof()
             return
-        self.buf = memoryview(buf)[:n]
-        self._send()
+        if n == len(scratch) and pipes.splice:
+            self.bulk = True
+        view = pipes.scratch_view
+        try:
+            m = self.dst.send(view[:n])
+        except BlockingIOError:
+            m = 0
+        except OSError as exc:
+            raise Broken(self.dst, exc) from exc
+        if m:
+            if self.inbound:
+                self.stats.bytes_in += m
+            else:
+                self.stats.bytes_out += m
+        if m < n:
+            self.buf = bytes(view[m:n])
+            self.blocked = True
 
     def _send(self) -> None:
         while self.buf is not None:
@@ -384,6 +409,9 @@ class Reactor:
         self._timers: list[list[Any]] = []
         self._seq = itertools.count()
         self._wait_scope: trio.CancelScope | None = None
+        self._plain_wait = False  # waiting without a scope (no timers): wake via the eventfd
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.watch(self._wake, self, _IN)
         self._empty = trio.Event()
         self._empty.set()
         self.on_error: Callable[[Session, BaseException], None] | None = None
@@ -424,9 +452,23 @@ class Reactor:
         entry = [when, next(self._seq), fn]
         heapq.heappush(self._timers, entry)
         scope = self._wait_scope
-        if scope is not None and when < scope.deadline:
-            scope.deadline = when
+        if scope is not None:
+            if when < scope.deadline:
+                scope.deadline = when
+        elif self._plain_wait:
+            self._plain_wait = False
+            os.eventfd_write(self._wake, 1)  # a timer appeared while the reactor waits without one
         return entry
+
+    def event(self, fd: int, ev: int) -> None:
+        """The wake-up eventfd fired: consume it; the loop then picks up the new timer."""
+        try:
+            os.eventfd_read(self._wake)
+        except BlockingIOError:
+            pass
+
+    def close(self, reason: str) -> None:
+        """close_all() reaches the eventfd's entry too; it is closed with the epoll set."""
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> list[Any]:
         return self.call_at(trio.current_time() + delay, fn)
@@ -469,12 +511,19 @@ class Reactor:
                     self._fire_timers()
                     while self._timers and self._timers[0][2] is None:
                         heapq.heappop(self._timers)
-                # In a scope whose deadline is the next timer; call_at() moves it earlier.
-                deadline = self._timers[0][0] if self._timers else inf
-                with trio.CancelScope(deadline=deadline) as scope:
-                    self._wait_scope = scope
+                # With timers: in a scope whose deadline is the next one (call_at() moves it
+                # earlier). Without: a plain wait (no scope to build per round); a timer added
+                # meanwhile wakes us through the eventfd.
+                if self._timers or self.idle_timeout:
+                    deadline = self._timers[0][0] if self._timers else inf
+                    with trio.CancelScope(deadline=deadline) as scope:
+                        self._wait_scope = scope
+                        await wait_readable(epfd)
+                    self._wait_scope = None
+                else:
+                    self._plain_wait = True
                     await wait_readable(epfd)
-                self._wait_scope = None
+                    self._plain_wait = False
                 if self.idle_timeout:
                     self.now = trio.current_time()
                 events = poll(0, _MAX_EVENTS)
@@ -491,3 +540,4 @@ class Reactor:
         finally:
             self.close_all("proxy stopped")
             self.epoll.close()
+            os.close(self._wake)
