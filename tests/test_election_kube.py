@@ -382,15 +382,21 @@ async def test_hung_apiserver_leader_steps_down_by_renew_deadline(fake_apiserver
             assert_never_two(electors)
 
 
+async def start_bootstrap_leader(nursery: trio.Nursery, fake: FakeApiServer) -> Elector:
+    """node-a with start_as_leader (the first node during kubeadm init), once it leads."""
+    elector = Elector(fake, "node-a", **{"election.start_as_leader": True})
+    await nursery.start(elector.run)
+    await wait_leader([elector])
+    return elector
+
+
 @pytest.mark.slow
 async def test_bootstrap_leads_while_forbidden_then_takes_the_lease(fake_apiserver: FakeApiServer) -> None:
     """Kubernetes ≥ 1.29 during kubeadm init: admin.conf is forbidden until RBAC is bound."""
     fake_apiserver.mode = "forbidden"
     with trio.fail_after(20):
         async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
-            first = Elector(fake_apiserver, "node-a", **{"election.start_as_leader": True})
-            await nursery.start(first.run)
-            await wait_leader([first])
+            first = await start_bootstrap_leader(nursery, fake_apiserver)
             assert fake_apiserver.lease(NS, NAME) is None  # leading without a lease
             fake_apiserver.mode = "ok"  # kubeadm bound kubeadm:cluster-admins
             while fake_apiserver.lease(NS, NAME) is None:  # noqa: ASYNC110 - the fake's state
@@ -407,9 +413,7 @@ async def test_bootstrap_yields_to_a_lease_held_by_another_node(fake_apiserver: 
     fake_apiserver.mode = "forbidden"
     with trio.fail_after(20):
         async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
-            late = Elector(fake_apiserver, "node-a", **{"election.start_as_leader": True})
-            await nursery.start(late.run)
-            await wait_leader([late])
+            late = await start_bootstrap_leader(nursery, fake_apiserver)
             fake_apiserver.mode = "ok"
             while late.leader:  # noqa: ASYNC110 - the elector's flag
                 await trio.sleep(0.02)
