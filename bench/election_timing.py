@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -201,7 +202,7 @@ def one_run(endpoint: str, case: str, run: int) -> float | None:
         if got is None:
             return None
         leader, _ = got
-        time.sleep(1.0)  # a few renewals
+        time.sleep(1.0 + random.uniform(0, 0.5))  # a few renewals; then a random phase of the renew cycle
         if case == "crash":
             leader.kill()
             t0 = leader.killed_at
