@@ -308,3 +308,16 @@ async def test_max_connections_pauses_accepting_and_resumes() -> None:
     # logged once per episode: full at 2, cleared, full again with the third, cleared
     assert [e["event"] for e in logs if e["event"].startswith("proxy.connection_limit")] == [
         "proxy.connection_limit", "proxy.connection_limit_cleared"] * 2
+
+
+async def test_backend_given_by_name_is_resolved_and_reached() -> None:
+    listener = await tcp_listener("127.0.0.1")
+    cfg = proxy_config([("localhost", listener_port(listener))])
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery, running_proxy(cfg, check=always_healthy) as (_, state):
+            nursery.start_soon(trio.serve_listeners, echo_handler, [listener])
+            for i in range(2):  # the first resolves, the second uses the cached address
+                async with await trio.open_tcp_stream(cfg.proxy.bind_address, cfg.proxy.port) as c:
+                    assert await roundtrip(c, b"n%d" % i) == b"n%d" % i
+            assert state.proxy.backends[backend_key("localhost", listener_port(listener))].total_connections == 2
+            nursery.cancel_scope.cancel()
