@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import socket
 import sys
+import time
 import types
 
 import pytest
@@ -321,3 +322,36 @@ async def test_backend_given_by_name_is_resolved_and_reached() -> None:
                     assert await roundtrip(c, b"n%d" % i) == b"n%d" % i
             assert state.proxy.backends[backend_key("localhost", listener_port(listener))].total_connections == 2
             nursery.cancel_scope.cancel()
+
+
+async def test_out_of_file_descriptors_backs_off_then_serves_the_waiting_client() -> None:
+    import resource
+
+    from tests.proxy_fixtures import open_fds
+
+    host = loopback_address()
+    listener = await tcp_listener(host)
+    cfg = proxy_config([(host, listener_port(listener))])
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery, running_proxy(cfg, check=always_healthy) as (proxy, _):
+            nursery.start_soon(trio.serve_listeners, echo_handler, [listener])
+            # The client runs in another process: only the proxy's and the backend's fds count here.
+            client = await trio.lowlevel.open_process(
+                [sys.executable, "-c", "import socket,sys; s=socket.create_connection(sys.argv[1:3] and "
+                 "(sys.argv[1], int(sys.argv[2]))); s.sendall(b'late'); print(s.recv(10).decode(), flush=True)",
+                 cfg.proxy.bind_address, str(cfg.proxy.port)], stdout=-1)
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (open_fds(), hard))  # no fd left
+                await wait_until(lambda: any(e["event"] == "proxy.accept_failed" for e in logs))
+                cpu = time.process_time()
+                await trio.sleep(0.4)  # several back-off periods pass...
+                assert time.process_time() - cpu < 0.2  # ...without a busy accept loop
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+                assert (await client.stdout.receive_some(10)).strip() == b"late"
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+                client.kill()
+                await client.wait()
+            nursery.cancel_scope.cancel()
+    assert [e["event"] for e in logs].count("proxy.accept_failed") == 1

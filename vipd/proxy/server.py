@@ -10,8 +10,9 @@ Must never: let one connection's failure reach the accept loop or the server (ea
 contains its own errors), swallow ``trio.Cancelled``, or leave a client connected to nothing
 (no healthy backend → the client is closed at once).
 
-Shutdown: when the task is cancelled the listeners close at once; open sessions live in a
-nursery under a shielded scope that gets ``drain_timeout`` to finish before being cancelled.
+Shutdown: when the task is cancelled the listeners close at once; the reactor (every open
+session) and the connects in progress live in a nursery under a shielded scope that gets
+``drain_timeout`` to finish before being cancelled, which closes what is left.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ _DNS_TTL = 30.0
 _EPOLLOUT = select.EPOLLOUT
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _wait_readable = trio.lowlevel.wait_readable
-_wait_writable = trio.lowlevel.wait_writable
 
 
 def raise_nofile_limit() -> int:
@@ -133,6 +133,7 @@ class Proxy:
         self._families: dict[str, int] = {}
         self._resolved: dict[tuple[str, int], tuple[float, int, Any]] = {}
         self._nursery: trio.Nursery | None = None
+        self._resource_errors = False  # logged once per episode
 
     # -- backends ------------------------------------------------------------------------
 
@@ -181,7 +182,6 @@ class Proxy:
         self._nursery = sessions
         st = self.state
         limit = self.pcfg.max_connections
-        resource_error = False
         while True:
             if st.active_connections >= limit:
                 if not self._limited:
@@ -201,13 +201,11 @@ class Proxy:
                     break
                 except OSError as exc:
                     if exc.errno in _RESOURCE_ERRNOS:
-                        if not resource_error:
-                            resource_error = True
-                            self.log.warning("proxy.accept_failed", error=exc.strerror)
+                        self._resource_error("accept", exc)
                         await trio.sleep(_ACCEPT_BACKOFF)
                         break
                     continue  # ECONNABORTED and the like: that client is gone, not us
-                resource_error = False
+                self._resource_errors = False
                 client.setblocking(False)
                 st.active_connections += 1
                 st.total_connections += 1
@@ -217,6 +215,11 @@ class Proxy:
                     self._session_failed(None, exc)
                 if st.active_connections >= limit:
                     break
+
+    def _resource_error(self, what: str, exc: OSError) -> None:
+        if not self._resource_errors:
+            self._resource_errors = True
+            self.log.warning("proxy.accept_failed", step=what, error=exc.strerror)
 
     def _released(self) -> None:
         st = self.state
@@ -252,9 +255,12 @@ class Proxy:
             family, sockaddr = addr
             try:
                 sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-            except OSError as exc:
-                self._connect_failed(backend, exc.errno or errno.EMFILE)
-                continue
+            except OSError as exc:  # out of fds or memory here: not the backend's fault
+                self._resource_error("socket", exc)
+                self.state.rejected_connections += 1
+                c.client.close()
+                self._released()
+                return
             try:
                 tune(sock)
                 err = sock.connect_ex(sockaddr)
