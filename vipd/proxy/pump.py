@@ -53,6 +53,8 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _COPY_SIZE = 64 * 1024
 _SMALL = 16 * 1024  # reads shorter than this are copied (recv/send), longer ones spliced
+_BULK = 256 * 1024  # a read this large suggests more is queued: read again at once...
+_BULK_READS = 4  # ...up to this many times per event
 _LINGER_ABORT = struct.pack("ii", 1, 0)
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 _ERR = select.EPOLLERR
@@ -177,27 +179,31 @@ class _Direction:
         self.bulk = False  # splice (True) or copy small reads through the shared buffer
 
     def read(self, pipes: PipePool) -> None:
-        """src is readable (and our pipe is empty): one read, then drain."""
+        """src is readable (and our pipe is empty): read, then drain. Bulk keeps going while
+        reads are large and the destination keeps up (fewer reactor rounds per MiB)."""
         if not self.bulk:
             self._recv(pipes)
             return
-        pipe = pipes.acquire()
-        try:
-            n = os.splice(self.sfd, pipe[1], pipes.size, None, None, _SPLICE_FLAGS)
-        except BlockingIOError:
-            pipes.release(pipe)
-            return
-        except OSError as exc:
-            pipes.release(pipe)
-            raise Broken(self.src, exc) from exc
-        if n == 0:
-            pipes.release(pipe)
-            self._forward_eof()
-            return
-        if n < _SMALL:
-            self.bulk = False  # back to copying: small messages are cheaper through send()
-        self.pipe, self.in_pipe = pipe, n
-        self.drain(pipes)
+        for _ in range(_BULK_READS):
+            pipe = pipes.acquire()
+            try:
+                n = os.splice(self.sfd, pipe[1], pipes.size, None, None, _SPLICE_FLAGS)
+            except BlockingIOError:
+                pipes.release(pipe)
+                return
+            except OSError as exc:
+                pipes.release(pipe)
+                raise Broken(self.src, exc) from exc
+            if n == 0:
+                pipes.release(pipe)
+                self._forward_eof()
+                return
+            if n < _SMALL:
+                self.bulk = False  # back to copying: small messages are cheaper through send()
+            self.pipe, self.in_pipe = pipe, n
+            self.drain(pipes)
+            if self.blocked or n < _BULK:
+                return
 
     def drain(self, pipes: PipePool) -> None:
         """Move what the pipe holds into dst; on EAGAIN stay blocked (caller re-arms)."""
