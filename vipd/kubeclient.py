@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
@@ -34,6 +35,8 @@ from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.config.config_exception import ConfigException
 
 from vipd.errors import VipdError
+
+T = TypeVar("T")
 
 DEFAULT_KUBECONFIG = "/etc/kubernetes/admin.conf"
 CONTROL_PLANE_LABEL = "node-role.kubernetes.io/control-plane"
@@ -89,6 +92,22 @@ async def open_api_client(
     configuration = await load_configuration(kubeconfig, api_server)
     async with k8s.ApiClient(configuration=configuration) as api:
         yield api
+
+
+async def open_api(
+    kubeconfig: str, api_server: str | None, api_class: Callable[[Any], T]
+) -> tuple[contextlib.AsyncExitStack, T]:
+    """asyncio side: an API object (e.g. ``CoordinationV1Api``) and the stack that closes its client.
+
+    For long-lived users (the Lease backend, discovery) that keep the client between calls.
+    """
+    stack = contextlib.AsyncExitStack()
+    try:
+        api_client = await stack.enter_async_context(open_api_client(kubeconfig, api_server))
+    except BaseException:
+        await stack.aclose()
+        raise
+    return stack, api_class(api_client)
 
 
 def _internal_ip(node: k8s.V1Node) -> str | None:

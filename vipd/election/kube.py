@@ -50,7 +50,7 @@ import trio
 from vipd import log
 from vipd.config import Config
 from vipd.election.backend import BackendUnavailable, LeaseConflict, LeaseRecord
-from vipd.kubeclient import KubeConfigError, open_api_client
+from vipd.kubeclient import KubeConfigError, open_api
 
 API_VERSION = "coordination.k8s.io/v1"
 _MICRO_TIME_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|[+-]\d\d:\d\d)")
@@ -263,13 +263,7 @@ class KubeLeaseBackend:
         """asyncio side: build the client (kubeconfig or in-cluster, local apiserver override)."""
         from kubernetes_asyncio import client as k8s
 
-        stack = contextlib.AsyncExitStack()
-        try:
-            api_client = await stack.enter_async_context(open_api_client(self.kubeconfig, self.api_server))
-        except BaseException:
-            await stack.aclose()
-            raise
-        self._stack, self._api = stack, k8s.CoordinationV1Api(api_client)
+        self._stack, self._api = await open_api(self.kubeconfig, self.api_server, k8s.CoordinationV1Api)
 
     async def _request(self, op: str, seconds_left: float, body: dict[str, Any] | None) -> Any:
         """asyncio side: one request; raw response so that status and JSON are ours to read."""

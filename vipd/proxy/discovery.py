@@ -43,7 +43,7 @@ import trio
 
 from vipd import log
 from vipd.config import Config
-from vipd.kubeclient import KubeConfigError, open_api_client
+from vipd.kubeclient import KubeConfigError, open_api
 
 SERVICE_LABEL = "kubernetes.io/service-name=kubernetes"
 NAMESPACE = "default"
@@ -273,13 +273,7 @@ class _SliceWatcher:
     async def _aio_open(self) -> None:
         from kubernetes_asyncio import client as k8s
 
-        stack = contextlib.AsyncExitStack()
-        try:
-            api_client = await stack.enter_async_context(open_api_client(self.kubeconfig, self.api_server))
-        except BaseException:
-            await stack.aclose()
-            raise
-        self.stack, self.api = stack, k8s.DiscoveryV1Api(api_client)
+        self.stack, self.api = await open_api(self.kubeconfig, self.api_server, k8s.DiscoveryV1Api)
 
     async def _aio_list(self) -> tuple[int, Any]:
         import aiohttp
