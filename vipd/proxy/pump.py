@@ -164,7 +164,7 @@ class _Direction:
     """One direction of a session: src → pipe → dst."""
 
     __slots__ = ("src", "dst", "sfd", "dfd", "pipe", "in_pipe", "eof", "blocked", "stats", "inbound", "buf",
-                 "bulk")
+                 "bulk", "other")
 
     def __init__(self, src: socket.socket, dst: socket.socket, stats: Any, inbound: bool) -> None:
         self.src, self.dst = src, dst
@@ -277,6 +277,8 @@ class _Direction:
 
     def _forward_eof(self) -> None:
         self.eof = True
+        if self.other.eof:
+            return  # both directions are done: the close that follows sends our FIN
         try:
             self.dst.shutdown(socket.SHUT_WR)
         except OSError as exc:  # ENOTCONN: the destination was already reset
@@ -312,6 +314,7 @@ class Session:
         self.cfd, self.ufd = client.fileno(), upstream.fileno()
         self.up = _Direction(client, upstream, stats, True)  # client → backend
         self.down = _Direction(upstream, client, stats, False)  # backend → client
+        self.up.other, self.down.other = self.down, self.up
         self.masks = [0, 0]  # registered interest: [client, upstream]
         self.closed = False
         self.on_close = on_close
@@ -427,15 +430,19 @@ class Reactor:
         self._empty.set()
         self.on_error: Callable[[Session, BaseException], None] | None = None
 
-    def add(self, session: Session) -> None:
-        """Start driving an established session (both sockets non-blocking)."""
+    def add(self, session: Session, upstream_watched: bool = False) -> None:
+        """Start driving an established session (both sockets non-blocking). With
+        ``upstream_watched`` the upstream fd is already in the set (its connect was watched)."""
         self.sessions[session.cfd] = session
         self.sessions[session.ufd] = session
         self.count += 1
         if self._empty.is_set():
             self._empty = trio.Event()
         self.epoll.register(session.cfd, _IN)
-        self.epoll.register(session.ufd, _IN)
+        if upstream_watched:
+            self.epoll.modify(session.ufd, _IN)
+        else:
+            self.epoll.register(session.ufd, _IN)
         session.masks[0] = session.masks[1] = _IN
         if self.idle_timeout:
             self.now = trio.current_time()

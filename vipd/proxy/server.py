@@ -284,13 +284,13 @@ class Proxy:
     def _connected(self, c: _Connecting, err: int) -> None:
         sock, backend = c.sock, c.backend
         c.sock = c.backend = None
-        self.reactor.unwatch(sock.fileno())
         if c.timer is not None:
             c.timer[2] = None
             c.timer = None
-        if err == 0:
-            self._established(c.client, backend, sock)
+        if err == 0:  # the fd stays in the epoll set: the session takes it over
+            self._established(c.client, backend, sock, upstream_watched=True)
             return
+        self.reactor.unwatch(sock.fileno())
         sock.close()
         self._connect_failed(backend, err)
         self._try_next(c)
@@ -325,13 +325,14 @@ class Proxy:
             self._session_failed(None, exc)
             c.close("error")
 
-    def _established(self, client: socket.socket, backend: Backend, upstream: socket.socket) -> None:
+    def _established(self, client: socket.socket, backend: Backend, upstream: socket.socket,
+                     upstream_watched: bool = False) -> None:
         stats = backend.stats
         stats.active_connections += 1
         stats.total_connections += 1
         session = Session(self.reactor, client, upstream, stats, self._session_closed, backend)
         backend.sessions.add(session)
-        self.reactor.add(session)
+        self.reactor.add(session, upstream_watched)
 
     def _session_closed(self, session: Session) -> None:
         backend: Backend = session.tag
