@@ -1,17 +1,25 @@
-"""Election failover timing against a real etcd: ``python -m bench.election_timing [--runs 5]``.
+"""Election failover timing: ``python -m bench.election_timing [--runs 5] [--backend etcd|kubernetes]``.
 
-Starts a throw-away etcd on loopback, then per run three elector processes (the real
-``run_election`` + ``EtcdLeaseBackend``, nothing else), and measures:
+etcd (default): starts a throw-away etcd on loopback, then per run three elector processes
+(the real ``run_election`` + ``EtcdLeaseBackend``, nothing else), and measures:
 
   crash     SIGKILL of the leader's process → another process reports leadership
   graceful  SIGTERM of the leader (steps down, releases) → another reports leadership
   etcd      etcd SIGKILLed and restarted → time with no leader; and never two leaders
 
+kubernetes: starts the FAKE apiserver of tests/kube_fixtures.py (HTTPS, resourceVersion 409s)
+in this process, then per run three elector processes (the real ``run_election`` +
+``KubeLeaseBackend`` through kubernetes-asyncio and trio-asyncio) on a fresh Lease, and
+measures crash and graceful as above. The fake answers from memory with no storage behind it, so the
+figures are vipd's client-side timing, not a real apiserver's latency.
+
 Prints one line per run and the medians (JSON with ``--json``). Times come from
 CLOCK_MONOTONIC in every process, so they compare across processes.
 
 ``python -m bench.election_timing elector --endpoint URL --node N`` runs one elector and
-prints one JSON line per Leadership event (tests/test_election_etcd.py uses it too).
+prints one JSON line per Leadership event (tests/test_election_etcd.py uses it too);
+``elector --backend kubernetes --kubeconfig PATH --lease-name NAME --node N`` does the same
+against a Lease.
 """
 
 from __future__ import annotations
@@ -38,23 +46,31 @@ def run_elector(args: argparse.Namespace) -> int:
 
     from vipd import config as config_mod
     from vipd import log
-    from vipd.election.etcd import EtcdLeaseBackend
     from vipd.election.runner import run_election
     from vipd.events import Fanout
     from vipd.state import RuntimeState
 
     log.configure(fmt="json", level="warning", node=args.node, stream=sys.stderr)
-    cfg = config_mod.load(environ={}, flags={
-        "vip.address": ["192.0.2.10"], "election.backend": "etcd", "proxy.enabled": False,
-        "node": args.node, "election.etcd.endpoints": args.endpoint, "election.etcd.prefix": args.prefix,
+    flags: dict[str, Any] = {
+        "vip.address": ["192.0.2.10"], "election.backend": args.elector_backend, "proxy.enabled": False,
+        "node": args.node,
         "election.lease_duration": args.lease_duration, "election.renew_deadline": args.renew_deadline,
         "election.retry_period": args.retry_period, "shutdown_timeout": "3s", "proxy.drain_timeout": "1s",
-    })
+    }
+    if args.elector_backend == "kubernetes":
+        from vipd.election.kube import KubeLeaseBackend as Backend
+        flags.update({"election.kubernetes.kubeconfig": args.kubeconfig,
+                      "election.kubernetes.namespace": args.namespace,
+                      "election.kubernetes.lease_name": args.lease_name})
+    else:
+        from vipd.election.etcd import EtcdLeaseBackend as Backend
+        flags.update({"election.etcd.endpoints": args.endpoint, "election.etcd.prefix": args.prefix})
+    cfg = config_mod.load(environ={}, flags=flags)
 
     def emit(**fields: Any) -> None:
         print(json.dumps({"mono": time.monotonic(), "node": args.node, **fields}), flush=True)
 
-    async def main() -> None:
+    async def elect() -> None:
         fanout, state, gate = Fanout(), RuntimeState(node=args.node), trio.Event()
         gate.set()  # no VIP here: the lease may be released at once
         recv = fanout.subscribe(100)
@@ -69,7 +85,7 @@ def run_elector(args: argparse.Namespace) -> int:
             n.start_soon(relay)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
                 async with trio.open_nursery() as inner:
-                    await inner.start(run_election, cfg, EtcdLeaseBackend(cfg), fanout, state, gate)
+                    await inner.start(run_election, cfg, Backend(cfg), fanout, state, gate)
                     emit(started=True)
                     async for _ in sigs:
                         emit(stopping=True)
@@ -77,6 +93,15 @@ def run_elector(args: argparse.Namespace) -> int:
                         break
             await fanout.aclose()
         emit(exited=True)
+
+    async def main() -> None:
+        if args.elector_backend == "kubernetes":
+            import trio_asyncio  # kubernetes-asyncio runs on asyncio, bridged as vipd.app does
+
+            async with trio_asyncio.open_loop():
+                await elect()
+        else:
+            await elect()
 
     trio.run(main)
     return 0
@@ -86,9 +111,11 @@ class ElectorProc:
     """A child elector; a thread collects its JSON lines."""
 
     def __init__(self, endpoint: str, node: str, *, prefix: str = "/vipd-bench/", timing: tuple[str, str, str] = ("2s", "1.5s", "0.5s")) -> None:
-        cmd = [sys.executable, "-m", "bench.election_timing", "elector", "--endpoint", endpoint, "--node", node,
-               "--prefix", prefix, "--lease-duration", timing[0], "--renew-deadline", timing[1],
-               "--retry-period", timing[2]]
+        self._start(node, ["--endpoint", endpoint, "--prefix", prefix], timing)
+
+    def _start(self, node: str, backend_args: list[str], timing: tuple[str, str, str]) -> None:
+        cmd = [sys.executable, "-m", "bench.election_timing", "elector", "--node", node, *backend_args,
+               "--lease-duration", timing[0], "--renew-deadline", timing[1], "--retry-period", timing[2]]
         self.node = node
         self.lines: list[dict[str, Any]] = []
         self.cond = threading.Condition()
@@ -144,6 +171,15 @@ class ElectorProc:
         self.proc.wait(timeout=10)
 
 
+class KubeElectorProc(ElectorProc):
+    """A child elector on a Kubernetes Lease (kubeconfig pointing at the fake apiserver)."""
+
+    def __init__(self, kubeconfig: str, node: str, *, lease_name: str, namespace: str = "kube-system",
+                 timing: tuple[str, str, str] = ("2s", "1.5s", "0.5s")) -> None:
+        self._start(node, ["--backend", "kubernetes", "--kubeconfig", kubeconfig,
+                           "--namespace", namespace, "--lease-name", lease_name], timing)
+
+
 def leadership_spans(procs: list[ElectorProc]) -> list[tuple[float, float, float, bool, str]]:
     """(start, end, fence at end, released, node) of every leadership, in CLOCK_MONOTONIC.
     A SIGKILLed leader's span ends at its last fence (the kernel address lifetime)."""
@@ -194,9 +230,14 @@ def first_leader(procs: list[ElectorProc], after: float, timeout: float,
 
 # -- measurement ---------------------------------------------------------------------------------
 
-def one_run(endpoint: str, case: str, run: int) -> float | None:
-    prefix = f"/vipd-bench-{os.getpid()}-{case}-{run}/"
-    procs = [ElectorProc(endpoint, f"n{i}", prefix=prefix) for i in range(3)]
+def one_run(endpoint: str, case: str, run: int, *, kubeconfig: str | None = None) -> float | None:
+    """One crash/graceful run: against etcd at ``endpoint``, or the apiserver of ``kubeconfig``."""
+    if kubeconfig is not None:
+        lease = f"vipd-bench-{os.getpid()}-{case}-{run}"
+        procs: list[ElectorProc] = [KubeElectorProc(kubeconfig, f"n{i}", lease_name=lease) for i in range(3)]
+    else:
+        prefix = f"/vipd-bench-{os.getpid()}-{case}-{run}/"
+        procs = [ElectorProc(endpoint, f"n{i}", prefix=prefix) for i in range(3)]
     try:
         got = first_leader(procs, 0.0, 30)
         if got is None:
@@ -239,24 +280,64 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.election_timing")
     sub = parser.add_subparsers(dest="cmd")
     el = sub.add_parser("elector")
-    el.add_argument("--endpoint", action="append", required=True)
+    el.add_argument("--backend", dest="elector_backend", choices=("etcd", "kubernetes"), default="etcd")
+    el.add_argument("--endpoint", action="append", help="etcd endpoint (required for etcd)")
     el.add_argument("--node", required=True)
     el.add_argument("--prefix", default="/vipd/")
+    el.add_argument("--kubeconfig", help="kubeconfig (required for kubernetes)")
+    el.add_argument("--namespace", default="kube-system")
+    el.add_argument("--lease-name", default="vipd-bench-lock")
     el.add_argument("--lease-duration", default="2s")
     el.add_argument("--renew-deadline", default="1.5s")
     el.add_argument("--retry-period", default="0.5s")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--backend", choices=("etcd", "kubernetes"), default="etcd")
     args = parser.parse_args(argv)
     if args.cmd == "elector":
+        if args.elector_backend == "etcd" and not args.endpoint:
+            el.error("--endpoint is required with --backend etcd")
+        if args.elector_backend == "kubernetes" and not args.kubeconfig:
+            el.error("--kubeconfig is required with --backend kubernetes")
         return run_elector(args)
 
     sys.path.insert(0, REPO)
+    results: dict[str, list[float]] = {"crash": [], "graceful": []}
+    if args.backend == "kubernetes":
+        run_kubernetes(args.runs, results)
+    else:
+        run_etcd(args.runs, results)
+    summary = {k: {"median_ms": round(statistics.median(v) * 1000, 1), "min_ms": round(min(v) * 1000, 1),
+                   "max_ms": round(max(v) * 1000, 1), "runs": len(v)} for k, v in results.items() if v}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for k, v in summary.items():
+            print(f"{k:12s} median {v['median_ms']:7.1f} ms  (min {v['min_ms']}, max {v['max_ms']}, n={v['runs']})")
+    return 0
+
+
+def run_kubernetes(runs: int, results: dict[str, list[float]]) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from tests.kube_fixtures import FakeApiServer
+
+    with tempfile.TemporaryDirectory(prefix="vipd-bench-kube-") as tmp, FakeApiServer(Path(tmp)) as fake:
+        for run in range(runs):
+            for case in ("crash", "graceful"):
+                t = one_run("", case, run, kubeconfig=fake.kubeconfig)
+                if t is not None:
+                    results[case].append(t)
+                    print(f"run {run} {case:12s} new leader after {t * 1000:7.1f} ms", file=sys.stderr)
+
+
+def run_etcd(runs: int, results: dict[str, list[float]]) -> None:
     from tests.etcd_fixtures import EtcdServer
 
-    results: dict[str, list[float]] = {"crash": [], "graceful": [], "etcd_restart": []}
+    results["etcd_restart"] = []
     with EtcdServer(name="vipd-bench") as server:
-        for run in range(args.runs):
+        for run in range(runs):
             for case in ("crash", "graceful"):
                 t = one_run(server.url, case, run)
                 if t is not None:
@@ -266,14 +347,6 @@ def main(argv: list[str] | None = None) -> int:
             if t is not None:
                 results["etcd_restart"].append(t)
                 print(f"run {run} {'etcd_restart':12s} new leader after {t * 1000:7.1f} ms", file=sys.stderr)
-    summary = {k: {"median_ms": round(statistics.median(v) * 1000, 1), "min_ms": round(min(v) * 1000, 1),
-                   "max_ms": round(max(v) * 1000, 1), "runs": len(v)} for k, v in results.items() if v}
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        for k, v in summary.items():
-            print(f"{k:12s} median {v['median_ms']:7.1f} ms  (min {v['min_ms']}, max {v['max_ms']}, n={v['runs']})")
-    return 0
 
 
 if __name__ == "__main__":
