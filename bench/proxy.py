@@ -263,7 +263,7 @@ def _metrics() -> list[Metric]:
     return [
         Metric("tput1", "iperf3, 1 stream", "Gbit/s", True, 1.0),
         Metric("tput4", "iperf3, 4 streams", "Gbit/s", True, 1.0),
-        Metric("connrate", "wrk Connection: close (conn/s)", "req/s", True, 0.8, fmt="{:.0f}"),
+        Metric("connrate", "wrk Connection: close", "conn/s", True, 0.8, fmt="{:.0f}"),
         Metric("ka_rps", "wrk keep-alive, 64 conns", "req/s", True, 0.8, fmt="{:.0f}"),
         Metric("ka_p50", "keep-alive p50, 64 conns", "ms", False, None, fmt="{:.3f}"),
         Metric("ka_p99", "keep-alive p99, 64 conns", "ms", False, None, fmt="{:.3f}"),
