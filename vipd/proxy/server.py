@@ -41,8 +41,8 @@ _ACCEPT_BATCH = 64
 _ACCEPT_BACKOFF = 0.1  # EMFILE and friends: the listener stays readable, so wait instead of spin
 _DNS_TTL = 30.0
 _EPOLLOUT = select.EPOLLOUT
+_EPOLLIN = select.EPOLLIN
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-_wait_readable = trio.lowlevel.wait_readable
 
 
 def raise_nofile_limit() -> int:
@@ -128,7 +128,7 @@ class Proxy:
         self.check = check or make_check(self.pcfg.health)
         self.health: HealthChecks | None = None
         self.listeners: list[socket.socket] = []
-        self._below_limit = trio.Event()
+        self._acceptors: list[_Acceptor] = []
         self._limited = False
         self._families: dict[str, int] = {}
         self._resolved: dict[tuple[str, int], tuple[float, int, Any]] = {}
@@ -172,49 +172,66 @@ class Proxy:
             self.listeners.append(open_listener(host, self.pcfg.port, self.pcfg.backlog))
 
     def close_listeners(self) -> None:
+        for acc in self._acceptors:
+            self._unwatch(acc)
+            acc.backoff = True  # never watched again
         for sock in self.listeners:
-            trio.lowlevel.notify_closing(sock)
             sock.close()
         self.listeners = []
         self.state.listening = False
 
-    async def accept_loop(self, lsock: socket.socket, sessions: trio.Nursery) -> None:
-        self._nursery = sessions
+    # -- accepting (in the reactor: listeners sit in its epoll set) ----------------------------
+
+    def start_accepting(self) -> None:
+        for lsock in self.listeners:
+            self._acceptors.append(_Acceptor(self, lsock))
+        self._watch_listeners()
+
+    def _watch_listeners(self) -> None:
+        for acc in self._acceptors:
+            if not acc.watched and not acc.backoff and not self._limited:
+                self.reactor.watch(acc.fd, acc, _EPOLLIN)
+                acc.watched = True
+
+    def _unwatch(self, acc: _Acceptor) -> None:
+        if acc.watched:
+            self.reactor.unwatch(acc.fd)
+            acc.watched = False
+
+    def accept_batch(self, acc: _Acceptor) -> None:
+        """The listener is readable: accept up to a batch; pause at the limit or on EMFILE."""
         st = self.state
         limit = self.pcfg.max_connections
-        while True:
+        lsock = acc.lsock
+        for _ in range(_ACCEPT_BATCH):
             if st.active_connections >= limit:
                 if not self._limited:
                     self._limited = True
-                    self._below_limit = trio.Event()
                     self.log.warning("proxy.connection_limit", max_connections=limit)
-                await self._below_limit.wait()
-                continue
+                for other in self._acceptors:
+                    self._unwatch(other)
+                return
             try:
-                await _wait_readable(lsock)
-            except trio.ClosedResourceError:
-                return  # the listeners were closed: shutting down
-            for _ in range(_ACCEPT_BATCH):
-                try:
-                    client = lsock.accept()[0]
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    if exc.errno in _RESOURCE_ERRNOS:
-                        self._resource_error("accept", exc)
-                        await trio.sleep(_ACCEPT_BACKOFF)
-                        break
-                    continue  # ECONNABORTED and the like: that client is gone, not us
-                self._resource_errors = False
-                client.setblocking(False)
-                st.active_connections += 1
-                st.total_connections += 1
-                try:
-                    self.start(client)
-                except Exception as exc:  # contain: never let one client stop accepting
-                    self._session_failed(None, exc)
-                if st.active_connections >= limit:
-                    break
+                client = lsock.accept()[0]
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in _RESOURCE_ERRNOS:
+                    # The listener stays readable: stop listening to it for a while, never spin.
+                    self._resource_error("accept", exc)
+                    self._unwatch(acc)
+                    acc.backoff = True
+                    self.reactor.call_later(_ACCEPT_BACKOFF, acc.resume)
+                    return
+                continue  # ECONNABORTED and the like: that client is gone, not us
+            self._resource_errors = False
+            client.setblocking(False)
+            st.active_connections += 1
+            st.total_connections += 1
+            try:
+                self.start(client)
+            except Exception as exc:  # contain: never let one client stop accepting
+                self._session_failed(None, exc)
 
     def _resource_error(self, what: str, exc: OSError) -> None:
         if not self._resource_errors:
@@ -228,7 +245,7 @@ class Proxy:
             self.drained.set()
         if self._limited and st.active_connections < self.pcfg.max_connections:
             self._limited = False
-            self._below_limit.set()
+            self._watch_listeners()
             self.log.info("proxy.connection_limit_cleared", active=st.active_connections)
 
     # -- connecting (driven by the reactor: no task per connection) ----------------------------
@@ -344,6 +361,31 @@ class Proxy:
         self.log.error("proxy.session_failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
 
 
+class _Acceptor:
+    """A listener in the reactor's epoll set."""
+
+    __slots__ = ("proxy", "lsock", "fd", "watched", "backoff")
+
+    def __init__(self, proxy: Proxy, lsock: socket.socket) -> None:
+        self.proxy = proxy
+        self.lsock = lsock
+        self.fd = lsock.fileno()
+        self.watched = False
+        self.backoff = False
+
+    def event(self, fd: int, ev: int) -> None:
+        self.proxy.accept_batch(self)
+
+    def resume(self) -> None:
+        """End of an EMFILE back-off."""
+        if self.backoff and self.lsock.fileno() != -1:
+            self.backoff = False
+            self.proxy._watch_listeners()
+
+    def close(self, reason: str) -> None:
+        """The reactor is stopping; the proxy closes its listeners itself."""
+
+
 class _Connecting:
     """A client whose backend connection is in progress (registered for EPOLLOUT)."""
 
@@ -424,8 +466,8 @@ async def run_proxy(
                 from vipd.proxy.discovery import run_kubernetes_discovery
 
                 await nursery.start(run_kubernetes_discovery, cfg, proxy.update_backends)
-            for lsock in proxy.listeners:
-                nursery.start_soon(proxy.accept_loop, lsock, sessions)
+            proxy._nursery = sessions
+            proxy.start_accepting()
             state.proxy.listening = True
             logger.info(
                 "proxy.listening",
