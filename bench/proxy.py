@@ -39,7 +39,8 @@ PY = sys.executable
 
 BACKEND = "127.77.0.1"
 IPERF_PORT, NGINX_PORT, FRONT_PORT = 5201, 8080, 16443
-PROXIES = {"haproxy-stock": "127.77.1.1", "haproxy-tuned": "127.77.2.1", "vipd": "127.77.3.1"}
+PROXIES = {"haproxy-stock": "127.77.1.1", "haproxy-tuned": "127.77.2.1", "vipd": "127.77.3.1",
+           "vipd-base": "127.77.4.1"}
 IDLE = 9_900
 DUR = int(os.environ.get("VIPD_BENCH_SECONDS", "3"))
 ROUNDS = int(os.environ.get("VIPD_BENCH_ROUNDS", "4"))
@@ -130,7 +131,7 @@ def _haproxy_conf(tmp: Path, kind: str, listen: str, backend: str) -> Path:
 
 
 def proxy_argv(kind: str, tmp: Path, listen: str, backend: str) -> list[str]:
-    if kind == "vipd":
+    if kind in ("vipd", "vipd-base"):
         return [PY, "-m", "bench.proxy", "serve", listen, backend]
     return ["haproxy", "-db", "-f", str(_haproxy_conf(tmp, kind, listen, backend))]
 
@@ -143,7 +144,7 @@ def running(kind: str, tmp: Path, backend_port: int) -> Iterator[tuple[str, int,
         return
     host = PROXIES[kind]
     with _process(proxy_argv(kind, tmp, f"{host}:{FRONT_PORT}", f"{BACKEND}:{backend_port}"),
-                  host, FRONT_PORT, cwd=ROOT) as proc:
+                  host, FRONT_PORT, cwd=BASE if kind == "vipd-base" else ROOT) as proc:
         yield host, FRONT_PORT, proc
 
 
@@ -245,7 +246,10 @@ def idle_rss(host: str, port: int, proc: subprocess.Popen) -> float:
 # The suite
 # ---------------------------------------------------------------------------------------------
 
-KINDS = ("direct", "haproxy-stock", "haproxy-tuned", "vipd")
+# VIPD_BENCH_BASE=<another checkout> adds "vipd-base": that checkout's proxy, run side by side
+# with this one (A/B of a change in the same run; the table gets an extra column).
+BASE = os.environ.get("VIPD_BENCH_BASE", "")
+KINDS = ("direct", "haproxy-stock", "haproxy-tuned", "vipd") + (("vipd-base",) if BASE else ())
 
 
 @dataclass
@@ -373,8 +377,9 @@ def _verdict(m: Metric) -> str:
 
 
 def render_markdown(metrics: list[Metric], started: str, seconds: float) -> str:
-    head = "| metric | direct | HAProxy stock | HAProxy tuned | vipd | vipd / tuned | vipd / direct | target |"
-    rows = [head, "|" + "---|" * 8]
+    head = ("| metric | direct | HAProxy stock | HAProxy tuned | vipd" + (" | vipd-base" if BASE else "")
+            + " | vipd / tuned | vipd / direct | target |")
+    rows = [head, "|" + "---|" * (8 + bool(BASE))]
     for m in metrics:
         cells = [m.fmt.format(m.values[k]) if k in m.values else "–" for k in KINDS]
         r1, r2 = _ratio(m, "vipd", "haproxy-tuned"), _ratio(m, "vipd", "direct")

@@ -2,8 +2,9 @@
 
 Owns: the pipe pool (non-blocking pipes sized with F_SETPIPE_SZ, held only while bytes are in
 flight, never returned to the pool holding bytes), the ``Reactor`` (one epoll set for every
-established connection's two sockets, waited on by one trio task with
-``trio.lowlevel.wait_readable``, plus a timer heap for idle and half-close timeouts), and the
+established connection's two sockets, waited on by a dedicated OS thread blocking in
+``epoll_wait`` that the trio task ``Reactor.run`` starts and stops, plus a timer heap for
+connect, idle and half-close timeouts), and the
 ``Session`` state machine of one connection: splice socket→pipe→socket each way (or
 recv_into/send where splice is unavailable), EOF forwarded as shutdown(SHUT_WR) while the
 other direction keeps flowing, resets propagated with SO_LINGER 0, socket tuning
@@ -17,6 +18,10 @@ epoll_ctl) on every wake and costs a task switch; on the request/response path t
 of the difference to HAProxy, and two tasks per idle connection cost ~10 KB. Here the sockets
 are registered once, level-triggered, and the interest set changes only when a destination
 blocks or a source ends; an idle connection is two dict entries and three small objects.
+Why a thread: waiting for the epoll fd through trio cost three syscalls per wake (trio's
+epoll_ctl re-arm and epoll_wait, then ours) plus a scheduler round in Python; the thread makes
+one epoll_wait per wake, like HAProxy. Trio keeps health checks, discovery, logging and the
+drain; the two meet under ``Reactor.lock`` (see the class).
 
 Theory of operation (HAProxy src/raw_sock.c): a splice from a socket into a pipe returns EAGAIN
 both when the socket is empty and when the pipe is full, so each direction counts the bytes it
@@ -43,6 +48,8 @@ import os
 import select
 import socket
 import struct
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -59,8 +66,6 @@ _LINGER_ABORT = struct.pack("ii", 1, 0)
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 _ERR = select.EPOLLERR
 _MAX_EVENTS = 512
-_LINGER = 0.0002  # s: how long the reactor waits on its own epoll after forwarding bytes
-_LINGER_ROUNDS = 16  # at most this many such waits before handing back to trio
 
 
 def _max_pipe_size() -> int:
@@ -409,8 +414,18 @@ class Session:
 
 
 class Reactor:
-    """Every established session's sockets in one level-triggered epoll set; one trio task
-    (``run``) waits for it and dispatches events and timers."""
+    """Every established session's sockets in one level-triggered epoll set, waited on by a
+    dedicated OS thread blocking in ``epoll_wait`` (``run`` starts it from trio and stops it
+    when cancelled); events and timers are dispatched in that thread under ``lock``.
+
+    Threading rules: the reactor thread holds ``lock`` (a re-entrant lock) whenever it runs
+    Python on the proxy's state, and releases it only while blocked in ``epoll_wait``. Code
+    running in trio that touches sessions, the watched fds, the timers, the backend pool or the
+    counters it shares with the thread takes ``lock`` first (the proxy's ``observe``,
+    ``update_backends``, listener changes, the drain). The thread never waits for trio: what it
+    needs done there (set a trio.Event, start a task) goes through ``to_trio`` (the trio
+    token's thread-safe ``run_sync_soon``). Counters are plain ints written only under the
+    lock, so status (trio, read-only) sees whole values."""
 
     def __init__(self, pipes: PipePool, *, idle_timeout: float = 0.0, half_close_timeout: float = 0.0) -> None:
         self.pipes = pipes
@@ -420,14 +435,15 @@ class Reactor:
         self.sessions: dict[int, Any] = {}  # fd → Session (both fds) or a watched handler
         self.count = 0
         self.now = 0.0
+        self.lock = threading.RLock()
         self._timers: list[list[Any]] = []
         self._seq = itertools.count()
-        self._wait_scope: trio.CancelScope | None = None
-        self._plain_wait = False  # waiting without a scope (no timers): wake via the eventfd
+        self._next_wake = 0.0  # when the thread's current epoll_wait times out (inf: never)
+        self._thread: int | None = None  # the reactor thread's ident while it runs
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stop = False
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.watch(self._wake, self, _IN)
-        self._empty = trio.Event()
-        self._empty.set()
         self.on_error: Callable[[Session, BaseException], None] | None = None
 
     def add(self, session: Session, upstream_watched: bool = False) -> None:
@@ -436,8 +452,6 @@ class Reactor:
         self.sessions[session.cfd] = session
         self.sessions[session.ufd] = session
         self.count += 1
-        if self._empty.is_set():
-            self._empty = trio.Event()
         self.epoll.register(session.cfd, _IN)
         if upstream_watched:
             self.epoll.modify(session.ufd, _IN)
@@ -445,7 +459,7 @@ class Reactor:
             self.epoll.register(session.ufd, _IN)
         session.masks[0] = session.masks[1] = _IN
         if self.idle_timeout:
-            self.now = trio.current_time()
+            self.now = time.monotonic()
             session.last = self.now
             session.timer = self.call_later(self.idle_timeout, session._idle_check)
 
@@ -454,8 +468,6 @@ class Reactor:
         self.sessions.pop(session.cfd, None)
         self.sessions.pop(session.ufd, None)
         self.count -= 1
-        if self.count == 0:
-            self._empty.set()
 
     def watch(self, fd: int, handler: Any, mask: int) -> None:
         """Send ``fd``'s events to ``handler.event(fd, ev)`` (e.g. a connect in progress)."""
@@ -467,19 +479,27 @@ class Reactor:
             self.epoll.unregister(fd)
 
     def call_at(self, when: float, fn: Callable[[], None]) -> list[Any]:
+        """Run ``fn`` in the reactor thread at ``when`` (time.monotonic()); returns the entry,
+        whose [2] set to None cancels it. From outside the thread: hold ``lock``."""
         entry = [when, next(self._seq), fn]
         heapq.heappush(self._timers, entry)
-        scope = self._wait_scope
-        if scope is not None:
-            if when < scope.deadline:
-                scope.deadline = when
-        elif self._plain_wait:
-            self._plain_wait = False
-            os.eventfd_write(self._wake, 1)  # a timer appeared while the reactor waits without one
+        if when < self._next_wake and threading.get_ident() != self._thread:
+            self._next_wake = when
+            os.eventfd_write(self._wake, 1)  # the thread sleeps past it: wake it to re-arm
         return entry
 
+    def call_later(self, delay: float, fn: Callable[[], None]) -> list[Any]:
+        return self.call_at(time.monotonic() + delay, fn)
+
+    def to_trio(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` in trio's thread soon (from either thread; never blocks)."""
+        if self._token is None:
+            fn(*args)
+        else:
+            self._token.run_sync_soon(fn, *args)
+
     def event(self, fd: int, ev: int) -> None:
-        """The wake-up eventfd fired: consume it; the loop then picks up the new timer."""
+        """The wake-up eventfd fired (stop, or a timer added from trio): consume it."""
         try:
             os.eventfd_read(self._wake)
         except BlockingIOError:
@@ -487,12 +507,6 @@ class Reactor:
 
     def close(self, reason: str) -> None:
         """close_all() reaches the eventfd's entry too; it is closed with the epoll set."""
-
-    def call_later(self, delay: float, fn: Callable[[], None]) -> list[Any]:
-        return self.call_at(trio.current_time() + delay, fn)
-
-    async def wait_empty(self) -> None:
-        await self._empty.wait()
 
     def close_all(self, reason: str) -> None:
         for session in list(self.sessions.values()):
@@ -510,43 +524,56 @@ class Reactor:
 
     def _fire_timers(self) -> None:
         timers = self._timers
-        self.now = now = trio.current_time()
+        self.now = now = time.monotonic()
         while timers and timers[0][0] <= now:
             _, _, fn = heapq.heappop(timers)
             if fn is not None:
                 fn()
+        while timers and timers[0][2] is None:
+            heapq.heappop(timers)
 
     async def run(self) -> None:
-        """Dispatch until cancelled; closes every session on the way out."""
-        epfd = self.epoll.fileno()
+        """Run the reactor thread until cancelled (then wake it through the eventfd and wait
+        for it to return: shutdown stays structured); closes every session on the way out."""
+        self._token = trio.lowlevel.current_trio_token()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._stop_when_cancelled)
+                await trio.to_thread.run_sync(self._loop, abandon_on_cancel=False)
+                nursery.cancel_scope.cancel()
+        finally:
+            with self.lock:  # the thread has returned; trio callers may still hold the lock
+                self._thread = None
+                self.close_all("proxy stopped")
+            self.epoll.close()
+            os.close(self._wake)
+
+    async def _stop_when_cancelled(self) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            self._stop = True
+            os.eventfd_write(self._wake, 1)
+
+    def _loop(self) -> None:
+        """The reactor thread: one epoll_wait per wake (no trio round in between), dispatch
+        under the lock, timers, then block again with the next timer as the timeout."""
+        self._thread = threading.get_ident()
         poll = self.epoll.poll
         sessions = self.sessions
+        timers = self._timers
+        lock = self.lock
         inf = float("inf")
-        wait_readable = trio.lowlevel.wait_readable
-        stats = trio.lowlevel.current_statistics
-        try:
-            while True:
-                if self._timers:
-                    self._fire_timers()
-                    while self._timers and self._timers[0][2] is None:
-                        heapq.heappop(self._timers)
-                # With timers: in a scope whose deadline is the next one (call_at() moves it
-                # earlier). Without: a plain wait (no scope to build per round); a timer added
-                # meanwhile wakes us through the eventfd.
-                if self._timers or self.idle_timeout:
-                    deadline = self._timers[0][0] if self._timers else inf
-                    with trio.CancelScope(deadline=deadline) as scope:
-                        self._wait_scope = scope
-                        await wait_readable(epfd)
-                    self._wait_scope = None
-                else:
-                    self._plain_wait = True
-                    await wait_readable(epfd)
-                    self._plain_wait = False
+        with lock:
+            timeout = -1.0
+            self._next_wake = inf
+        while True:
+            events = poll(timeout, _MAX_EVENTS)
+            with lock:
+                if self._stop:
+                    return
                 if self.idle_timeout:
-                    self.now = trio.current_time()
-                events = poll(0, _MAX_EVENTS)
-                rounds = _LINGER_ROUNDS
+                    self.now = time.monotonic()
                 while events:
                     for fd, ev in events:
                         session = sessions.get(fd)
@@ -556,17 +583,12 @@ class Reactor:
                             session.event(fd, ev)
                         except Exception as exc:  # contain: one session's failure is its own
                             self._fail(session, exc)
-                    if len(events) == _MAX_EVENTS:
-                        events = poll(0, _MAX_EVENTS)
-                    elif rounds and not self._timers and stats().tasks_runnable == 0:
-                        # Linger: the answer to what we just forwarded usually comes within
-                        # microseconds; waiting for it here skips a whole trio round (the
-                        # per-hop latency). Bounded so that trio's other tasks still run.
-                        rounds -= 1
-                        events = poll(_LINGER, _MAX_EVENTS)
-                    else:
-                        events = None
-        finally:
-            self.close_all("proxy stopped")
-            self.epoll.close()
-            os.close(self._wake)
+                    events = poll(0, _MAX_EVENTS) if len(events) == _MAX_EVENTS else None
+                if timers:
+                    self._fire_timers()
+                if timers:
+                    self._next_wake = timers[0][0]
+                    timeout = max(0.0, self._next_wake - time.monotonic())
+                else:
+                    self._next_wake = inf
+                    timeout = -1.0

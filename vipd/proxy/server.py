@@ -10,6 +10,10 @@ Must never: let one connection's failure reach the accept loop or the server (ea
 contains its own errors), swallow ``trio.Cancelled``, or leave a client connected to nothing
 (no healthy backend → the client is closed at once).
 
+Threads: accepting, connecting and sessions run in the pump's reactor thread; trio-side entry
+points that touch that state (``observe``, ``update_backends``, listener changes, the drain)
+take ``reactor.lock``, and the thread reaches trio only through ``reactor.to_trio``.
+
 Shutdown: when the task is cancelled the listeners close at once; the reactor (every open
 session) and the connects in progress live in a nursery under a shielded scope that gets
 ``drain_timeout`` to finish before being cancelled, which closes what is left.
@@ -23,6 +27,7 @@ import os
 import resource
 import select
 import socket
+import time
 from typing import Any
 
 import trio
@@ -139,7 +144,8 @@ class Proxy:
 
     def update_backends(self, addresses: list[tuple[str, int]]) -> None:
         """Apply a new backend list (discovery). Open connections are untouched."""
-        added, removed = self.pool.update(addresses)
+        with self.reactor.lock:
+            added, removed = self.pool.update(addresses)
         if added or removed:
             self.log.info(
                 "proxy.backends_updated",
@@ -151,6 +157,11 @@ class Proxy:
             self.health.sync(list(self.pool))
 
     def observe(self, backend: Backend, ok: bool, reason: str) -> None:
+        """A check result (trio) or a connect outcome (reactor thread)."""
+        with self.reactor.lock:
+            self._observe(backend, ok, reason)
+
+    def _observe(self, backend: Backend, ok: bool, reason: str) -> None:
         if backend.removed:
             return
         t = self.pool.observe(backend, ok)
@@ -172,20 +183,22 @@ class Proxy:
             self.listeners.append(open_listener(host, self.pcfg.port, self.pcfg.backlog))
 
     def close_listeners(self) -> None:
-        for acc in self._acceptors:
-            self._unwatch(acc)
-            acc.backoff = True  # never watched again
-        for sock in self.listeners:
-            sock.close()
-        self.listeners = []
+        with self.reactor.lock:
+            for acc in self._acceptors:
+                self._unwatch(acc)
+                acc.backoff = True  # never watched again
+            for sock in self.listeners:
+                sock.close()
+            self.listeners = []
         self.state.listening = False
 
     # -- accepting (in the reactor: listeners sit in its epoll set) ----------------------------
 
     def start_accepting(self) -> None:
-        for lsock in self.listeners:
-            self._acceptors.append(_Acceptor(self, lsock))
-        self._watch_listeners()
+        with self.reactor.lock:
+            for lsock in self.listeners:
+                self._acceptors.append(_Acceptor(self, lsock))
+            self._watch_listeners()
 
     def _watch_listeners(self) -> None:
         for acc in self._acceptors:
@@ -242,7 +255,7 @@ class Proxy:
         st = self.state
         st.active_connections -= 1
         if self.stopping and st.active_connections == 0:
-            self.drained.set()
+            self.reactor.to_trio(self.drained.set)
         if self._limited and st.active_connections < self.pcfg.max_connections:
             self._limited = False
             self._watch_listeners()
@@ -267,7 +280,7 @@ class Proxy:
             addr = self._address(backend)
             if addr is None:  # a host name not resolved recently: resolve in a task, then retry
                 c.tried.pop()
-                self._nursery.start_soon(self._resolve_then_retry, c, backend)
+                self.reactor.to_trio(self._nursery.start_soon, self._resolve_then_retry, c, backend)
                 return
             family, sockaddr = addr
             try:
@@ -296,7 +309,7 @@ class Proxy:
 
     def _connect_failed(self, backend: Backend, err: int) -> None:
         backend.stats.failed_connects += 1
-        self.observe(backend, False, f"connect: {os.strerror(err)}")
+        self._observe(backend, False, f"connect: {os.strerror(err)}")
 
     def _connected(self, c: _Connecting, err: int) -> None:
         sock, backend = c.sock, c.backend
@@ -324,7 +337,7 @@ class Proxy:
         if fam:
             return fam, (host, backend.port)
         cached = self._resolved.get((host, backend.port))
-        if cached is not None and cached[0] > trio.current_time():
+        if cached is not None and cached[0] > time.monotonic():
             return cached[1], cached[2]
         return None
 
@@ -332,15 +345,20 @@ class Proxy:
         try:
             infos = await trio.socket.getaddrinfo(backend.host, backend.port, type=socket.SOCK_STREAM)
             family, _, _, _, sockaddr = infos[0]
-            self._resolved[(backend.host, backend.port)] = (trio.current_time() + _DNS_TTL, family, sockaddr)
+            failed = None
         except OSError as exc:
-            c.tried.append(backend)
-            self._connect_failed(backend, exc.errno or errno.EHOSTUNREACH)
-        try:
-            self._try_next(c)
-        except Exception as exc:  # contain
-            self._session_failed(None, exc)
-            c.close("error")
+            failed = exc
+        with self.reactor.lock:
+            if failed is None:
+                self._resolved[(backend.host, backend.port)] = (time.monotonic() + _DNS_TTL, family, sockaddr)
+            else:
+                c.tried.append(backend)
+                self._connect_failed(backend, failed.errno or errno.EHOSTUNREACH)
+            try:
+                self._try_next(c)
+            except Exception as exc:  # contain
+                self._session_failed(None, exc)
+                c.close("error")
 
     def _established(self, client: socket.socket, backend: Backend, upstream: socket.socket,
                      upstream_watched: bool = False) -> None:
@@ -437,8 +455,10 @@ async def _hold_sessions(
             nursery.start_soon(reactor)
             task_status.started((scope, nursery))
             await stopped.wait()
-            proxy.stopping = True
-            if proxy.state.active_connections:
+            with proxy.reactor.lock:  # the reactor thread reads `stopping` when a session ends
+                proxy.stopping = True
+                active = proxy.state.active_connections
+            if active:
                 await proxy.drained.wait()
             reactor_scope.cancel()
 
