@@ -63,7 +63,10 @@ _SMALL = 16 * 1024  # reads shorter than this are copied (recv/send), longer one
 _BULK = 256 * 1024  # a read this large suggests more is queued: read again at once...
 _BULK_READS = 4  # ...up to this many times per event
 _LINGER_ABORT = struct.pack("ii", 1, 0)
-_IN, _OUT = select.EPOLLIN, select.EPOLLOUT
+_RDHUP = select.EPOLLRDHUP
+# Sessions listen with RDHUP too: a peer's FIN reported with the data lets a short read end
+# the direction without one more recv() that returns 0 (HAProxy does the same).
+_IN, _OUT = select.EPOLLIN | _RDHUP, select.EPOLLOUT
 _ERR = select.EPOLLERR
 _MAX_EVENTS = 512
 
@@ -183,11 +186,12 @@ class _Direction:
         self.buf: bytes | memoryview | None = None  # copy path: the unsent tail
         self.bulk = False  # splice (True) or copy small reads through the shared buffer
 
-    def read(self, pipes: PipePool) -> None:
+    def read(self, pipes: PipePool, hup: int = 0) -> None:
         """src is readable (and our pipe is empty): read, then drain. Bulk keeps going while
-        reads are large and the destination keeps up (fewer reactor rounds per MiB)."""
+        reads are large and the destination keeps up (fewer reactor rounds per MiB). ``hup``:
+        epoll saw the peer's FIN (EPOLLRDHUP)."""
         if not self.bulk:
-            self._recv(pipes)
+            self._recv(pipes, hup)
             return
         for _ in range(_BULK_READS):
             pipe = pipes.acquire()
@@ -233,7 +237,7 @@ class _Direction:
         pipes.release(self.pipe)  # type: ignore[arg-type]
         self.pipe = None
 
-    def _recv(self, pipes: PipePool) -> None:
+    def _recv(self, pipes: PipePool, hup: int = 0) -> None:
         """Copy path: read into the pool's shared buffer and send at once; only an unsent tail
         is kept (copied) per connection. A full buffer means bulk: splice from now on."""
         scratch = pipes.scratch
@@ -263,6 +267,10 @@ class _Direction:
         if m < n:
             self.buf = bytes(view[m:n])
             self.blocked = True
+        elif hup and n < len(scratch):
+            # The FIN was already in when epoll reported, and a short read emptied the queue:
+            # the next read would return 0, so forward the EOF now (one recv saved).
+            self._forward_eof()
 
     def _send(self) -> None:
         while self.buf is not None:
@@ -347,7 +355,7 @@ class Session:
         if ev & _OUT and wr.blocked:
             wr.drain(pipes)
         if ev & ~_OUT and not rd.blocked and not rd.eof:  # IN, HUP, RDHUP
-            rd.read(pipes)
+            rd.read(pipes, ev & _RDHUP)
         if self.up.eof and self.down.eof:
             self.close("done")
             return

@@ -47,6 +47,7 @@ _ACCEPT_BACKOFF = 0.1  # EMFILE and friends: the listener stays readable, so wai
 _DNS_TTL = 30.0
 _EPOLLOUT = select.EPOLLOUT
 _EPOLLIN = select.EPOLLIN
+_CONNECT_FAILED = select.EPOLLERR | select.EPOLLHUP
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
@@ -418,7 +419,10 @@ class _Connecting:
         self.timer: list[Any] | None = None
 
     def event(self, fd: int, ev: int) -> None:
-        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # type: ignore[union-attr]
+        # Writable without an error condition means connected: SO_ERROR only when needed.
+        err = 0
+        if ev & _CONNECT_FAILED:
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # type: ignore[union-attr]
         self.proxy._connected(self, err)
 
     def timed_out(self) -> None:
