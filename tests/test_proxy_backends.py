@@ -177,6 +177,26 @@ async def test_connect_timeout_moves_on_to_the_next_backend() -> None:
             s.close()
 
 
+async def test_connect_timer_started_from_trio_wakes_the_reactor_thread() -> None:
+    """A backend name is resolved in a trio task, which then starts the connect and its timer
+    from trio's thread; the reactor thread, asleep in epoll_wait with no timer at all, must be
+    woken to honour it (else the client would hang on the silent backend for ever)."""
+    hanging, fillers = _hanging_listener("127.0.0.1")
+    name = ("localhost", hanging.getsockname()[1])
+    cfg = proxy_config([name], connect_timeout="300ms")
+    try:
+        with trio.fail_after(10):
+            async with running_proxy(cfg, check=always_healthy) as (_, state):
+                async with await trio.open_tcp_stream(cfg.proxy.bind_address, cfg.proxy.port) as c:
+                    assert await receive_all(c) == b""  # timed out, no backend left: closed
+                st = state.proxy.backends[backend_key(*name)]
+                assert st.failed_connects == 1 and st.total_connections == 0
+                assert state.proxy.rejected_connections == 1
+    finally:
+        for s in [hanging, *fillers]:
+            s.close()
+
+
 async def test_backend_accepting_then_hanging_fails_its_http_check_by_timeout() -> None:
     host = loopback_address()
     listener = await tcp_listener(host)

@@ -547,7 +547,11 @@ class Reactor:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._stop_when_cancelled)
-                await trio.to_thread.run_sync(self._loop, abandon_on_cancel=False)
+                # A limiter of its own: the thread lives as long as the proxy and must not hold
+                # one of trio's default thread tokens (getaddrinfo needs those).
+                await trio.to_thread.run_sync(self._loop, abandon_on_cancel=False,
+                                              limiter=trio.CapacityLimiter(1),
+                                              thread_name="vipd proxy reactor")
                 nursery.cancel_scope.cancel()
         finally:
             with self.lock:  # the thread has returned; trio callers may still hold the lock
