@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,lab]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -35,7 +35,6 @@ bench: deb-bench deb-test venv
 
 lint: venv
 	$(BIN)/ruff check vipd tests bench
-	$(BIN)/ruff format --check vipd tests bench || true
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

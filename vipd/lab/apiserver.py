@@ -27,7 +27,12 @@ PORT = 6444
 
 def write_tls(directory: Path, addresses: Sequence[str]) -> tuple[Path, Path, Path]:
     """CA cert, server cert chain and key for ``addresses``; returns (ca, cert, key) paths."""
-    import trustme
+    try:
+        import trustme
+    except ImportError as exc:
+        from vipd.lab.nsutil import LabError
+
+        raise LabError("vipd lab needs trustme: pip install 'vipd[lab]' (make demo does)") from exc
 
     ca = trustme.CA(organization_name="vipd lab (throw-away)")
     cert = ca.issue_cert(*addresses, "localhost")
