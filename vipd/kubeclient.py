@@ -110,6 +110,23 @@ async def open_api(
     return stack, api_class(api_client)
 
 
+async def close_api_from_trio(stack: contextlib.AsyncExitStack | None, log: Any, event: str) -> None:
+    """trio side: close what ``open_api`` opened, shielded and bounded (it runs in cleanups).
+
+    A loop that is already gone leaves nothing to close: logged at debug as ``event``.
+    """
+    if stack is None:
+        return
+    import trio
+    import trio_asyncio
+
+    with trio.CancelScope(shield=True), trio.move_on_after(2):
+        try:
+            await trio_asyncio.aio_as_trio(stack.aclose)()
+        except (RuntimeError, OSError) as exc:
+            log.debug(event, error=str(exc))
+
+
 def _internal_ip(node: k8s.V1Node) -> str | None:
     addresses = (node.status.addresses if node.status else None) or []
     for addr in addresses:

@@ -50,7 +50,7 @@ import trio
 from vipd import log
 from vipd.config import Config
 from vipd.election.backend import BackendUnavailable, LeaseConflict, LeaseRecord
-from vipd.kubeclient import KubeConfigError, open_api
+from vipd.kubeclient import KubeConfigError, close_api_from_trio, open_api
 
 API_VERSION = "coordination.k8s.io/v1"
 _MICRO_TIME_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|[+-]\d\d:\d\d)")
@@ -184,15 +184,7 @@ class KubeLeaseBackend:
 
     async def aclose(self) -> None:
         stack, self._stack, self._api = self._stack, None, None
-        if stack is None:
-            return
-        import trio_asyncio
-
-        with trio.CancelScope(shield=True), trio.move_on_after(2):
-            try:
-                await trio_asyncio.aio_as_trio(stack.aclose)()
-            except (RuntimeError, OSError) as exc:  # loop already gone: nothing left to close
-                self._log.debug("client.close_failed", error=str(exc))
+        await close_api_from_trio(stack, self._log, "client.close_failed")
 
     # -- internals -------------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ import trio
 
 from vipd import log
 from vipd.config import Config
-from vipd.kubeclient import KubeConfigError, open_api
+from vipd.kubeclient import KubeConfigError, close_api_from_trio, open_api
 
 SERVICE_LABEL = "kubernetes.io/service-name=kubernetes"
 NAMESPACE = "default"
@@ -258,15 +258,7 @@ class _SliceWatcher:
 
     async def _close(self) -> None:
         stack, self.stack, self.api = self.stack, None, None
-        if stack is None:
-            return
-        import trio_asyncio
-
-        with trio.CancelScope(shield=True), trio.move_on_after(2):
-            try:
-                await trio_asyncio.aio_as_trio(stack.aclose)()
-            except (RuntimeError, OSError) as exc:
-                self.log.debug("discovery.close_failed", error=str(exc))
+        await close_api_from_trio(stack, self.log, "discovery.close_failed")
 
     # -- asyncio side -------------------------------------------------------------------------
 
