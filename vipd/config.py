@@ -254,10 +254,6 @@ def _lb_type(raw: Any) -> str:
     return s
 
 
-def _ignored(raw: Any) -> None:
-    return None
-
-
 # ---------------------------------------------------------------------------------------------
 # The table.
 # ---------------------------------------------------------------------------------------------
@@ -420,9 +416,6 @@ FIELDS: tuple[FieldSpec, ...] = (
               kubevip_env=_kv("vip_loglevel")),
     FieldSpec("shutdown_timeout", parse_duration, 10.0, "graceful stop deadline", "--shutdown-timeout"),
 )
-
-# kube-vip names vipd accepts and ignores (they describe modes vipd always has).
-IGNORED_KUBEVIP_ENV = ("cp_enable", "svc_enable", "vip_cidr_ignored")
 
 FIELDS_BY_KEY: dict[str, FieldSpec] = {f.key: f for f in FIELDS}
 
