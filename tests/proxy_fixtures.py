@@ -100,6 +100,13 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def lowest_free_fd() -> int:
+    """The number the next new fd would get: every fd below it is open."""
+    fd = os.dup(0)
+    os.close(fd)
+    return fd
+
+
 @asynccontextmanager
 async def running_proxy(cfg, state=None, check=None):
     """Run vipd's proxy in this process; yields (proxy, state). Cancelled on exit."""

@@ -344,17 +344,21 @@ async def test_backend_given_by_name_is_resolved_and_reached() -> None:
             nursery.cancel_scope.cancel()
 
 
-async def test_out_of_file_descriptors_backs_off_then_serves_the_waiting_client() -> None:
+@pytest.mark.parametrize("spare_fds, step", [(0, "accept"), (1, "socket")])
+async def test_out_of_file_descriptors_backs_off_then_serves_the_waiting_client(spare_fds, step) -> None:
+    """No fd at all: accept fails and the client waits in the listen queue. One fd: accept takes
+    it, the backend socket cannot be made, and the accepted client is held, not dropped. Either
+    way the proxy backs off without spinning and serves the client once fds are back."""
     import resource
 
-    from tests.proxy_fixtures import open_fds
+    from tests.proxy_fixtures import lowest_free_fd
 
     host = loopback_address()
     listener = await tcp_listener(host)
     cfg = proxy_config([(host, listener_port(listener))])
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with trio.fail_after(10), structlog.testing.capture_logs() as logs:
-        async with trio.open_nursery() as nursery, running_proxy(cfg, check=always_healthy) as (proxy, _):
+        async with trio.open_nursery() as nursery, running_proxy(cfg, check=always_healthy) as (proxy, state):
             nursery.start_soon(trio.serve_listeners, echo_handler, [listener])
             # The client runs in another process: only the proxy's and the backend's fds count here.
             client = await trio.lowlevel.open_process(
@@ -362,11 +366,13 @@ async def test_out_of_file_descriptors_backs_off_then_serves_the_waiting_client(
                  "(sys.argv[1], int(sys.argv[2]))); s.sendall(b'late'); print(s.recv(10).decode(), flush=True)",
                  cfg.proxy.bind_address, str(cfg.proxy.port)], stdout=-1)
             try:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (open_fds(), hard))  # no fd left
+                # Every fd below the limit is taken, plus ``spare_fds`` free numbers.
+                resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free_fd() + spare_fds, hard))
                 await wait_until(lambda: any(e["event"] == "proxy.accept_failed" for e in logs))
                 cpu = time.process_time()
                 await trio.sleep(0.4)  # several back-off periods pass...
                 assert time.process_time() - cpu < 0.2  # ...without a busy accept loop
+                assert state.proxy.rejected_connections == 0
                 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
                 assert (await client.stdout.receive_some(10)).strip() == b"late"
             finally:
@@ -374,4 +380,5 @@ async def test_out_of_file_descriptors_backs_off_then_serves_the_waiting_client(
                 client.kill()
                 await client.wait()
             nursery.cancel_scope.cancel()
-    assert [e["event"] for e in logs].count("proxy.accept_failed") == 1
+    failed = [e for e in logs if e["event"] == "proxy.accept_failed"]
+    assert [e["step"] for e in failed] == [step]  # once per episode, naming where fds ran out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import socket
 
@@ -48,6 +49,36 @@ async def test_one_gib_each_way_checksums_match() -> None:
     assert served["sent"] == client["received"] == GiB
     assert client["sent_crc"] == served["received_crc"]
     assert served["sent_crc"] == client["received_crc"]
+
+
+async def test_no_fd_for_a_pipe_falls_back_to_copying_without_losing_a_byte() -> None:
+    """Out of fds mid-transfer (EMFILE from pipe2): each bulk read is copied instead of spliced."""
+    host = loopback_address()
+    bport = free_port(host)
+    cfg = proxy_config([(host, bport)])
+    size = 64 << 20
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            server = await start_peer(nursery, "blast-serve", host, bport, size)
+            try:
+                async with running_proxy(cfg) as (proxy, state):
+                    refused = []
+
+                    def no_pipe() -> tuple[int, int]:
+                        refused.append(1)
+                        raise OSError(errno.EMFILE, "Too many open files")
+
+                    proxy.pipes.acquire = no_pipe
+                    client = await run_peer("blast-client", cfg.proxy.bind_address, cfg.proxy.port, size)
+                    assert server.stdout is not None
+                    served = json.loads((await receive_all(server.stdout)).decode().splitlines()[-1])
+                    assert refused  # bulk reads did ask for pipes...
+                    assert proxy.pipes.held == 0  # ...and none is on loan
+                    assert state.proxy.backends[f"{host}:{bport}"].bytes_in == size
+            finally:
+                stop_peer(server)
+    assert client["sent_crc"] == served["received_crc"] and client["sent"] == size
+    assert served["sent_crc"] == client["received_crc"] and client["received"] == size
 
 
 async def _connect(cfg) -> trio.SocketStream:

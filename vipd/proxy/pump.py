@@ -194,7 +194,12 @@ class _Direction:
             self._recv(pipes, hup)
             return
         for _ in range(_BULK_READS):
-            pipe = pipes.acquire()
+            try:
+                pipe = pipes.acquire()
+            except OSError:  # no fd for a pipe (EMFILE): copy this read instead of failing
+                self.bulk = False
+                self._recv(pipes, hup)
+                return
             try:
                 n = os.splice(self.sfd, pipe[1], pipes.size, None, None, _SPLICE_FLAGS)
             except BlockingIOError:

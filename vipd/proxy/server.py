@@ -231,11 +231,8 @@ class Proxy:
                 return
             except OSError as exc:
                 if exc.errno in _RESOURCE_ERRNOS:
-                    # The listener stays readable: stop listening to it for a while, never spin.
-                    self._resource_error("accept", exc)
-                    self._unwatch(acc)
-                    acc.backoff = True
-                    self.reactor.call_later(_ACCEPT_BACKOFF, acc.resume)
+                    # The listener stays readable: stop listening for a while, never spin.
+                    self._short_of_resources("accept", exc)
                     return
                 continue  # ECONNABORTED and the like: that client is gone, not us
             self._resource_errors = False
@@ -247,10 +244,17 @@ class Proxy:
             except Exception as exc:  # contain: never let one client stop accepting
                 self._session_failed(None, exc)
 
-    def _resource_error(self, what: str, exc: OSError) -> None:
+    def _short_of_resources(self, what: str, exc: OSError) -> None:
+        """Out of fds or memory: log once per episode and stop accepting for a back-off period
+        (clients wait in the listen queue instead of being accepted and dropped)."""
         if not self._resource_errors:
             self._resource_errors = True
             self.log.warning("proxy.accept_failed", step=what, error=exc.strerror)
+        for acc in self._acceptors:
+            if not acc.backoff:
+                self._unwatch(acc)
+                acc.backoff = True
+                self.reactor.call_later(_ACCEPT_BACKOFF, acc.resume)
 
     def _released(self) -> None:
         st = self.state
@@ -286,11 +290,15 @@ class Proxy:
             family, sockaddr = addr
             try:
                 sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-            except OSError as exc:  # out of fds or memory here: not the backend's fault
-                self._resource_error("socket", exc)
-                self.state.rejected_connections += 1
-                c.client.close()
-                self._released()
+            except OSError as exc:
+                if exc.errno not in _RESOURCE_ERRNOS:  # e.g. no IPv6 here: this backend fails
+                    self._connect_failed(backend, exc.errno or errno.EIO)
+                    continue
+                # Out of fds or memory: not the backend's fault. Hold the client and try again
+                # after the back-off, until its connect timeout; drop it only then.
+                c.tried.pop()
+                self._short_of_resources("socket", exc)
+                self._park(c)
                 return
             try:
                 tune(sock)
@@ -307,6 +315,16 @@ class Proxy:
                 return
             sock.close()
             self._connect_failed(backend, err)
+
+    def _park(self, c: _Connecting) -> None:
+        if self.stopping or time.monotonic() >= c.give_up_at:
+            self.state.rejected_connections += 1
+            c.client.close()
+            self._released()
+            return
+        c.parked = True  # watched for a hang-up (ERR/HUP need no mask) so the drain can reach it
+        self.reactor.watch(c.client.fileno(), c, 0)
+        c.timer = self.reactor.call_later(_ACCEPT_BACKOFF, c.unpark)
 
     def _connect_failed(self, backend: Backend, err: int) -> None:
         backend.stats.failed_connects += 1
@@ -408,7 +426,7 @@ class _Acceptor:
 class _Connecting:
     """A client whose backend connection is in progress (registered for EPOLLOUT)."""
 
-    __slots__ = ("proxy", "client", "sock", "backend", "tried", "timer")
+    __slots__ = ("proxy", "client", "sock", "backend", "tried", "timer", "parked", "give_up_at")
 
     def __init__(self, proxy: Proxy, client: socket.socket) -> None:
         self.proxy = proxy
@@ -417,8 +435,13 @@ class _Connecting:
         self.backend: Backend | None = None
         self.tried: list[Backend] = []
         self.timer: list[Any] | None = None
+        self.parked = False  # waiting for fds or memory to connect at all (see Proxy._park)
+        self.give_up_at = time.monotonic() + proxy.pcfg.connect_timeout
 
     def event(self, fd: int, ev: int) -> None:
+        if self.parked:  # the waiting client hung up or failed
+            self.close("client gone")
+            return
         # Writable without an error condition means connected: SO_ERROR only when needed.
         err = 0
         if ev & _CONNECT_FAILED:
@@ -430,9 +453,26 @@ class _Connecting:
         if self.sock is not None:
             self.proxy._connected(self, errno.ETIMEDOUT)
 
+    def unpark(self) -> None:
+        self.timer = None
+        self.parked = False
+        self.proxy.reactor.unwatch(self.client.fileno())
+        try:
+            self.proxy._try_next(self)
+        except Exception as exc:  # contain, as for any session
+            self.proxy._session_failed(None, exc)
+
     def close(self, reason: str) -> None:
         """Drain deadline or an error: give up on this client."""
-        if self.sock is not None:
+        if self.parked:
+            self.parked = False
+            self.proxy.reactor.unwatch(self.client.fileno())
+            if self.timer is not None:
+                self.timer[2] = None
+                self.timer = None
+            self.client.close()
+            self.proxy._released()
+        elif self.sock is not None:
             self.proxy.reactor.unwatch(self.sock.fileno())
             self.sock.close()
             self.sock = None
