@@ -47,13 +47,16 @@ import itertools
 import os
 import select
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import trio
+
+from vipd.proxy.rawfd import abort, shutdown_write, so_error
+
+readv, write = os.readv, os.write
 
 PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -62,7 +65,6 @@ _COPY_SIZE = 64 * 1024
 _SMALL = 16 * 1024  # reads shorter than this are copied (recv/send), longer ones spliced
 _BULK = 256 * 1024  # a read this large suggests more is queued: read again at once...
 _BULK_READS = 4  # ...up to this many times per event
-_LINGER_ABORT = struct.pack("ii", 1, 0)
 _RDHUP = select.EPOLLRDHUP
 # Sessions listen with RDHUP too: a peer's FIN reported with the data lets a short read end
 # the direction without one more recv() that returns 0 (HAProxy does the same).
@@ -92,6 +94,7 @@ class PipePool:
         # Small reads go through this one buffer (send() at once), not through a pipe.
         self.scratch = bytearray(_SMALL if self.splice else _COPY_SIZE)
         self.scratch_view = memoryview(self.scratch)
+        self.scratch_list = [self.scratch]  # os.readv's argument, built once
         if self.splice:
             try:  # probe once: size the pipe, and find out whether this kernel/Python splices
                 self.release(self.acquire())
@@ -150,33 +153,23 @@ def tune(sock: socket.socket, keepalive_idle: int = 60) -> None:
         pass
 
 
-def abort(sock: socket.socket) -> None:
-    """Close with RST (SO_LINGER 0): how a reset is propagated to the other side."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
-    except OSError:
-        pass
-    sock.close()
-
-
 class Broken(Exception):
-    """A peer reset or vanished; ``sock`` is the socket whose peer broke."""
+    """A peer reset or vanished; ``fd`` is the socket whose peer broke."""
 
-    def __init__(self, sock: socket.socket, exc: OSError | None = None) -> None:
+    def __init__(self, fd: int, exc: OSError | None = None) -> None:
         super().__init__(str(exc))
-        self.sock = sock
+        self.fd = fd
         self.errno = exc.errno if exc is not None else None
 
 
 class _Direction:
     """One direction of a session: src → pipe → dst."""
 
-    __slots__ = ("src", "dst", "sfd", "dfd", "pipe", "in_pipe", "eof", "blocked", "stats", "inbound", "buf",
+    __slots__ = ("sfd", "dfd", "pipe", "in_pipe", "eof", "blocked", "stats", "inbound", "buf",
                  "bulk", "other")
 
-    def __init__(self, src: socket.socket, dst: socket.socket, stats: Any, inbound: bool) -> None:
-        self.src, self.dst = src, dst
-        self.sfd, self.dfd = src.fileno(), dst.fileno()
+    def __init__(self, sfd: int, dfd: int, stats: Any, inbound: bool) -> None:
+        self.sfd, self.dfd = sfd, dfd
         self.pipe: tuple[int, int] | None = None
         self.in_pipe = 0
         self.eof = False  # src sent FIN and it was forwarded (dst shut for writing)
@@ -207,7 +200,7 @@ class _Direction:
                 return
             except OSError as exc:
                 pipes.release(pipe)
-                raise Broken(self.src, exc) from exc
+                raise Broken(self.sfd, exc) from exc
             if n == 0:
                 pipes.release(pipe)
                 self._forward_eof()
@@ -232,7 +225,7 @@ class _Direction:
                 self.blocked = True
                 return
             except OSError as exc:
-                raise Broken(self.dst, exc) from exc
+                raise Broken(self.dfd, exc) from exc
             self.in_pipe -= m
             if self.inbound:
                 self.stats.bytes_in += m
@@ -247,11 +240,11 @@ class _Direction:
         is kept (copied) per connection. A full buffer means bulk: splice from now on."""
         scratch = pipes.scratch
         try:
-            n = self.src.recv_into(scratch)
+            n = readv(self.sfd, pipes.scratch_list)
         except BlockingIOError:
             return
         except OSError as exc:
-            raise Broken(self.src, exc) from exc
+            raise Broken(self.sfd, exc) from exc
         if n == 0:
             self._forward_eof()
             return
@@ -259,11 +252,11 @@ class _Direction:
             self.bulk = True
         view = pipes.scratch_view
         try:
-            m = self.dst.send(view[:n])
+            m = write(self.dfd, view[:n])
         except BlockingIOError:
             m = 0
         except OSError as exc:
-            raise Broken(self.dst, exc) from exc
+            raise Broken(self.dfd, exc) from exc
         if m:
             if self.inbound:
                 self.stats.bytes_in += m
@@ -280,12 +273,12 @@ class _Direction:
     def _send(self) -> None:
         while self.buf is not None:
             try:
-                m = self.dst.send(self.buf)
+                m = write(self.dfd, self.buf)
             except BlockingIOError:
                 self.blocked = True
                 return
             except OSError as exc:
-                raise Broken(self.dst, exc) from exc
+                raise Broken(self.dfd, exc) from exc
             if self.inbound:
                 self.stats.bytes_in += m
             else:
@@ -297,10 +290,9 @@ class _Direction:
         self.eof = True
         if self.other.eof:
             return  # both directions are done: the close that follows sends our FIN
-        try:
-            self.dst.shutdown(socket.SHUT_WR)
-        except OSError as exc:  # ENOTCONN: the destination was already reset
-            raise Broken(self.dst, exc) from exc
+        err = shutdown_write(self.dfd)
+        if err:  # ENOTCONN: the destination was already reset
+            raise Broken(self.dfd, OSError(-err, os.strerror(-err)))
 
     def release(self, pipes: PipePool) -> None:
         if self.pipe is not None:
@@ -315,23 +307,24 @@ class _Direction:
 class Session:
     """One established proxied connection, driven by the reactor's events."""
 
-    __slots__ = ("reactor", "client", "upstream", "cfd", "ufd", "up", "down", "masks", "closed",
+    __slots__ = ("reactor", "cfd", "ufd", "up", "down", "masks", "closed",
                  "on_close", "tag", "last", "timer", "half", "reason")
 
     def __init__(
         self,
         reactor: Reactor,
-        client: socket.socket,
-        upstream: socket.socket,
+        cfd: int,
+        ufd: int,
         stats: Any,
         on_close: Callable[[Session], None],
         tag: Any = None,
     ) -> None:
+        """``cfd`` and ``ufd``: the client's and the backend's connected, non-blocking socket
+        fds, owned by the session from now on (it closes them)."""
         self.reactor = reactor
-        self.client, self.upstream = client, upstream
-        self.cfd, self.ufd = client.fileno(), upstream.fileno()
-        self.up = _Direction(client, upstream, stats, True)  # client → backend
-        self.down = _Direction(upstream, client, stats, False)  # backend → client
+        self.cfd, self.ufd = cfd, ufd
+        self.up = _Direction(cfd, ufd, stats, True)  # client → backend
+        self.down = _Direction(ufd, cfd, stats, False)  # backend → client
         self.up.other, self.down.other = self.down, self.up
         self.masks = [0, 0]  # registered interest: [client, upstream]
         self.closed = False
@@ -350,9 +343,8 @@ class Session:
         if reactor.idle_timeout:
             self.last = reactor.now
         if ev & _ERR:
-            sock = self.client if fd == self.cfd else self.upstream
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNRESET
-            raise Broken(sock, OSError(err, os.strerror(err)))
+            err = so_error(fd) or errno.ECONNRESET
+            raise Broken(fd, OSError(err, os.strerror(err)))
         if fd == self.cfd:
             rd, wr = self.up, self.down
         else:
@@ -405,8 +397,9 @@ class Session:
 
     # -- lifetime ---------------------------------------------------------------------------
 
-    def close(self, reason: str, reset: socket.socket | None = None) -> None:
-        """Release pipes, close both sockets (``reset`` with RST), tell the owner. Idempotent."""
+    def close(self, reason: str, reset: int = -1) -> None:
+        """Release pipes, close both sockets (the fd ``reset`` with RST), tell the owner.
+        Idempotent."""
         if self.closed:
             return
         self.closed = True
@@ -418,11 +411,11 @@ class Session:
             self.timer = None
         self.up.release(reactor.pipes)
         self.down.release(reactor.pipes)
-        for sock in (self.client, self.upstream):
-            if sock is reset:
-                abort(sock)
+        for fd in (self.cfd, self.ufd):
+            if fd == reset:
+                abort(fd)
             else:
-                sock.close()
+                os.close(fd)
         self.on_close(self)
 
 
@@ -528,7 +521,7 @@ class Reactor:
     def _fail(self, session: Any, exc: BaseException) -> None:
         if isinstance(exc, Broken) and isinstance(session, Session):
             # The survivor gets a reset too (SO_LINGER 0 on close).
-            other = session.upstream if exc.sock is session.client else session.client
+            other = session.ufd if exc.fd == session.cfd else session.cfd
             session.close(f"reset: {exc}", reset=other)
             return
         session.close(f"error: {type(exc).__name__}: {exc}")

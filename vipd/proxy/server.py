@@ -35,6 +35,7 @@ import trio
 from vipd import log
 from vipd.config import Config, ProxyConfig
 from vipd.errors import ProxyError
+from vipd.proxy import rawfd
 from vipd.proxy.backends import Backend, BackendPool, Transition
 from vipd.proxy.health import CheckFn, HealthChecks, make_check
 from vipd.proxy.pump import PipePool, Reactor, Session, tune
@@ -216,7 +217,7 @@ class Proxy:
         """The listener is readable: accept up to a batch; pause at the limit or on EMFILE."""
         st = self.state
         limit = self.pcfg.max_connections
-        lsock = acc.lsock
+        lfd = acc.fd
         for _ in range(_ACCEPT_BATCH):
             if st.active_connections >= limit:
                 if not self._limited:
@@ -225,18 +226,16 @@ class Proxy:
                 for other in self._acceptors:
                     self._unwatch(other)
                 return
-            try:
-                client = lsock.accept()[0]
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno in _RESOURCE_ERRNOS:
+            client = rawfd.accept(lfd)  # non-blocking already; TCP options from the listener
+            if client < 0:
+                if client == -errno.EAGAIN:
+                    return
+                if -client in _RESOURCE_ERRNOS:
                     # The listener stays readable: stop listening for a while, never spin.
-                    self._short_of_resources("accept", exc)
+                    self._short_of_resources("accept", OSError(-client, os.strerror(-client)))
                     return
                 continue  # ECONNABORTED and the like: that client is gone, not us
             self._resource_errors = False
-            client.setblocking(False)
             st.active_connections += 1
             st.total_connections += 1
             try:
@@ -268,8 +267,9 @@ class Proxy:
 
     # -- connecting (driven by the reactor: no task per connection) ----------------------------
 
-    def start(self, client: socket.socket) -> None:
-        """A new client: connect it to a healthy backend, then hand the pair to the reactor."""
+    def start(self, client: int) -> None:
+        """A new client (its fd): connect it to a healthy backend, then hand the pair to the
+        reactor."""
         self._try_next(_Connecting(self, client))
 
     def _try_next(self, c: _Connecting) -> None:
@@ -278,7 +278,7 @@ class Proxy:
             backend = self.pool.pick(c.tried)
             if backend is None:
                 self.state.rejected_connections += 1
-                c.client.close()
+                os.close(c.client)
                 self._released()
                 return
             c.tried.append(backend)
@@ -319,11 +319,11 @@ class Proxy:
     def _park(self, c: _Connecting) -> None:
         if self.stopping or time.monotonic() >= c.give_up_at:
             self.state.rejected_connections += 1
-            c.client.close()
+            os.close(c.client)
             self._released()
             return
         c.parked = True  # watched for a hang-up (ERR/HUP need no mask) so the drain can reach it
-        self.reactor.watch(c.client.fileno(), c, 0)
+        self.reactor.watch(c.client, c, 0)
         c.timer = self.reactor.call_later(_ACCEPT_BACKOFF, c.unpark)
 
     def _connect_failed(self, backend: Backend, err: int) -> None:
@@ -379,12 +379,12 @@ class Proxy:
                 self._session_failed(None, exc)
                 c.close("error")
 
-    def _established(self, client: socket.socket, backend: Backend, upstream: socket.socket,
+    def _established(self, client: int, backend: Backend, upstream: socket.socket,
                      upstream_watched: bool = False) -> None:
         stats = backend.stats
         stats.active_connections += 1
         stats.total_connections += 1
-        session = Session(self.reactor, client, upstream, stats, self._session_closed, backend)
+        session = Session(self.reactor, client, upstream.detach(), stats, self._session_closed, backend)
         backend.sessions.add(session)
         self.reactor.add(session, upstream_watched)
 
@@ -428,9 +428,9 @@ class _Connecting:
 
     __slots__ = ("proxy", "client", "sock", "backend", "tried", "timer", "parked", "give_up_at")
 
-    def __init__(self, proxy: Proxy, client: socket.socket) -> None:
+    def __init__(self, proxy: Proxy, client: int) -> None:
         self.proxy = proxy
-        self.client = client
+        self.client = client  # its fd
         self.sock: socket.socket | None = None
         self.backend: Backend | None = None
         self.tried: list[Backend] = []
@@ -456,7 +456,7 @@ class _Connecting:
     def unpark(self) -> None:
         self.timer = None
         self.parked = False
-        self.proxy.reactor.unwatch(self.client.fileno())
+        self.proxy.reactor.unwatch(self.client)
         try:
             self.proxy._try_next(self)
         except Exception as exc:  # contain, as for any session
@@ -466,11 +466,11 @@ class _Connecting:
         """Drain deadline or an error: give up on this client."""
         if self.parked:
             self.parked = False
-            self.proxy.reactor.unwatch(self.client.fileno())
+            self.proxy.reactor.unwatch(self.client)
             if self.timer is not None:
                 self.timer[2] = None
                 self.timer = None
-            self.client.close()
+            os.close(self.client)
             self.proxy._released()
         elif self.sock is not None:
             self.proxy.reactor.unwatch(self.sock.fileno())
@@ -478,7 +478,7 @@ class _Connecting:
             self.sock = None
             if self.timer is not None:
                 self.timer[2] = None
-            self.client.close()
+            os.close(self.client)
             self.proxy._released()
 
 
