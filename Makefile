@@ -21,8 +21,13 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-deb-%:
-	@packaging/ensure-debs $(DEB_$(shell echo $* | tr a-z A-Z))
+# Explicit rules: make skips pattern rules for .PHONY targets, so a `deb-%` rule never ran.
+deb-test:
+	@packaging/ensure-debs $(DEB_TEST)
+deb-demo:
+	@packaging/ensure-debs $(DEB_DEMO)
+deb-bench:
+	@packaging/ensure-debs $(DEB_BENCH)
 
 test: deb-test venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
