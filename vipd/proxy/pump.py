@@ -409,8 +409,10 @@ class Session:
         if self.timer is not None:
             self.timer[2] = None  # cancelled
             self.timer = None
-        self.up.release(reactor.pipes)
-        self.down.release(reactor.pipes)
+        up, down = self.up, self.down
+        up.release(reactor.pipes)
+        down.release(reactor.pipes)
+        up.other = down.other = None  # no reference cycle: freed now, not by the cyclic GC
         for fd in (self.cfd, self.ufd):
             if fd == reset:
                 abort(fd)
