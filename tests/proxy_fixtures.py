@@ -52,7 +52,7 @@ def loopback_address() -> str:
 
 
 def free_port(host: str) -> int:
-    with socket.socket() as s:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
@@ -70,7 +70,7 @@ def proxy_config(backends: list[tuple[str, int]], *, host: str | None = None, po
         "proxy.bind_to_vip": False,
         "proxy.bind_address": host,
         "proxy.port": port,
-        "proxy.backends": [f"{h}:{p}" for h, p in backends],
+        "proxy.backends": [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in backends],
         "proxy.health.check": "tcp",
         "proxy.health.interval": "1s",
         "shutdown_timeout": "30s",
@@ -171,7 +171,7 @@ async def roundtrip(stream: trio.SocketStream, msg: bytes) -> bytes:
 
 
 async def tcp_listener(host: str, port: int = 0, backlog: int = 128) -> trio.SocketListener:
-    sock = trio.socket.socket()
+    sock = trio.socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     await sock.bind((host, port))
     sock.listen(backlog)
