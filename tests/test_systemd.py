@@ -10,14 +10,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.ops_fixtures import REPO, notify_socket
+from tests.ops_fixtures import REPO, notify_socket, scratch_netns
 from vipd import config as config_mod
 
 UNIT = Path(REPO) / "systemd" / "vipd.service"
@@ -119,17 +118,12 @@ def _ip(*args: str, ns: str | None = None) -> None:
 
 @pytest.fixture
 def netns():
-    name = f"vops-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
-    try:
-        _ip("link", "set", "lo", "up", ns=name)
+    with scratch_netns() as name:
         _ip("link", "add", "d0", "type", "veth", "peer", "name", "d0p", ns=name)
         _ip("link", "set", "d0", "up", ns=name)
         _ip("link", "set", "d0p", "up", ns=name)
         _ip("addr", "add", "192.0.2.2/24", "dev", "d0", ns=name)
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], timeout=30, check=False)
 
 
 async def _in_ns(ns: str, *cmd: str) -> subprocess.CompletedProcess:
