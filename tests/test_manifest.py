@@ -255,7 +255,8 @@ def test_kubeadm_join_unreachable_apiserver_exits_1(capsys, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-OPS_DOCS = ("quickstart-kubeadm.md", "systemd.md", "metrics.md", "logging.md", "troubleshooting.md", "migrating.md")
+OPS_DOCS = ("quickstart-kubeadm.md", "systemd.md", "metrics.md", "logging.md", "troubleshooting.md", "migrating.md",
+            "container.md")
 NOT_SETTINGS = {"VIPD_PREFIX", "VIPD_BINDIR", "VIPD_UNITDIR", "VIPD_CONFDIR", "VIPD_UPDATE_GOLDEN"}
 
 
