@@ -1,5 +1,6 @@
-"""Packaging: the wheel and sdist build, install into a fresh virtualenv (through install.sh,
-the systemd path) and run; the Containerfile is checked statically (no container runtime here)."""
+"""Packaging: the wheel and the sdist build, each installs into a fresh virtualenv (the wheel
+through install.sh, the systemd path) and runs; the Containerfile is checked statically (no
+container runtime here: see docs/container.md)."""
 
 from __future__ import annotations
 
@@ -115,10 +116,10 @@ def test_wheel_and_sdist_build_install_fresh_venv_and_run(tmp_path):
     root = tmp_path / "root"
     env = {**os.environ, "VIPD_PREFIX": str(root / "opt/vipd"), "VIPD_BINDIR": str(root / "bin"),
            "VIPD_UNITDIR": str(root / "units"), "VIPD_CONFDIR": str(root / "etc/vipd"),
-           "PYTHON": sys.executable}
+           "VIPD_DOCDIR": str(root / "doc"), "PYTHON": sys.executable}
     env.pop("VIRTUAL_ENV", None)
     inst = subprocess.run(["bash", str(Path(REPO) / "packaging" / "install.sh"), str(wheel)],
-                          capture_output=True, text=True, timeout=150, env=env)
+                          capture_output=True, text=True, timeout=300, env=env)
     assert inst.returncode == 0, inst.stdout[-3000:] + inst.stderr[-3000:]
     venv_cfg = (root / "opt/vipd/pyvenv.cfg").read_text()
     assert "include-system-site-packages = false" in venv_cfg
@@ -126,21 +127,43 @@ def test_wheel_and_sdist_build_install_fresh_venv_and_run(tmp_path):
     assert vipd.is_symlink()
     unit = (root / "units" / "vipd.service").read_text()
     assert f"ExecStart={root}/bin/vipd start" in unit
+    # Documentation= points at the installed copy of docs/systemd.md, which exists.
+    docs = re.findall(r"^Documentation=(.*)$", unit, re.M)[0].split()
+    assert f"file:{root}/doc/systemd.md" in docs and (root / "doc" / "systemd.md").is_file()
     assert (root / "etc/vipd/vipd.env").stat().st_mode & 0o777 == 0o600
-
-    clean_env = {"PATH": "/usr/bin:/bin"}
-    out = subprocess.run([str(vipd), "--version"], capture_output=True, text=True, timeout=30, env=clean_env)
-    assert out.returncode == 0 and out.stdout.strip() == f"vipd {__version__}"
-    # The installed code is the wheel's, not this checkout's.
-    where = subprocess.run([str(root / "opt/vipd/bin/python"), "-c", "import vipd; print(vipd.__file__)"],
-                           capture_output=True, text=True, timeout=30, env=clean_env, cwd=tmp_path)
-    assert where.stdout.startswith(str(root / "opt/vipd"))
 
     env_file = {}
     for line in (root / "etc/vipd/vipd.env").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             key, _, value = line.partition("=")
             env_file[key] = value
+    _run_installed(vipd, root / "opt/vipd", env_file, tmp_path)
+
+    # The sdist too: its own fresh virtualenv, built from source by pip.
+    sdist_venv = tmp_path / "sdist-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(sdist_venv)], check=True, timeout=60)
+    from_sdist = subprocess.run([str(sdist_venv / "bin/python"), "-m", "pip", "install", "--quiet", str(sdist)],
+                                capture_output=True, text=True, timeout=300, env=env)
+    assert from_sdist.returncode == 0, from_sdist.stdout[-3000:] + from_sdist.stderr[-3000:]
+    _run_installed(sdist_venv / "bin" / "vipd", sdist_venv, env_file, tmp_path)
+
+    # Running install.sh again keeps the operator's env file.
+    (root / "etc/vipd/vipd.env").write_text("VIPD_ADDRESS=192.0.2.99\n")
+    again = subprocess.run(["bash", str(Path(REPO) / "packaging" / "install.sh"), str(wheel)],
+                           capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0 and "keeping existing" in again.stdout
+    assert (root / "etc/vipd/vipd.env").read_text() == "VIPD_ADDRESS=192.0.2.99\n"
+
+
+def _run_installed(vipd: Path, venv: Path, env_file: dict[str, str], cwd: Path) -> None:
+    """An installed vipd runs from its own virtualenv: --version, config check (good and bad)."""
+    clean_env = {"PATH": "/usr/bin:/bin"}
+    out = subprocess.run([str(vipd), "--version"], capture_output=True, text=True, timeout=30, env=clean_env)
+    assert out.returncode == 0 and out.stdout.strip() == f"vipd {__version__}", out.stderr
+    # The installed code is the package's, not this checkout's.
+    where = subprocess.run([str(venv / "bin/python"), "-c", "import vipd; print(vipd.__file__)"],
+                           capture_output=True, text=True, timeout=30, env=clean_env, cwd=cwd)
+    assert where.stdout.startswith(str(venv)), where.stdout + where.stderr
     check = subprocess.run([str(vipd), "config", "check"], capture_output=True, text=True, timeout=30,
                            env={**clean_env, **env_file})
     assert check.returncode == 0, check.stderr
@@ -148,10 +171,3 @@ def test_wheel_and_sdist_build_install_fresh_venv_and_run(tmp_path):
     bad = subprocess.run([str(vipd), "config", "check", "--lb-port", "70000"], capture_output=True, text=True,
                          timeout=30, env={**clean_env, **env_file})
     assert bad.returncode == 2 and "proxy.port" in bad.stderr
-
-    # Running it again keeps the operator's env file.
-    (root / "etc/vipd/vipd.env").write_text("VIPD_ADDRESS=192.0.2.99\n")
-    again = subprocess.run(["bash", str(Path(REPO) / "packaging" / "install.sh"), str(wheel)],
-                           capture_output=True, text=True, timeout=150, env=env)
-    assert again.returncode == 0 and "keeping existing" in again.stdout
-    assert (root / "etc/vipd/vipd.env").read_text() == "VIPD_ADDRESS=192.0.2.99\n"

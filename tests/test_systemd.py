@@ -62,6 +62,15 @@ def test_unit_has_the_required_settings():
         assert s[key] == ["yes"], key
     assert s["ProtectSystem"] == ["strict"]
     assert "@system-service" in s["SystemCallFilter"]
+    # admin.conf is optional at start (first node before `kubeadm init`): a SetCredential= of
+    # the same ID is systemd's fallback when the LoadCredential= file cannot be read.
+    assert s["LoadCredential"] == ["kubeconfig:/etc/kubernetes/admin.conf"]
+    assert [v.split(":", 1)[0] for v in s["SetCredential"]] == ["kubeconfig"]
+    assert s["SetCredential"][0].split(":", 1)[1].strip()  # systemd ignores an empty value
+    assert s["Environment"] == ["VIPD_KUBECONFIG=%d/kubeconfig"]
+    # Documentation= names where packaging/install.sh puts this repository's docs/systemd.md.
+    assert "file:/usr/local/share/doc/vipd/systemd.md" in s["Documentation"][0].split()
+    assert 'docdir="${VIPD_DOCDIR:-/usr/local/share/doc/vipd}"' in (Path(REPO) / "packaging/install.sh").read_text()
     # The watchdog period vipd will use is half of WatchdogSec, well above the 0.5 s tick.
     assert int(s["WatchdogSec"][0].removesuffix("s")) >= 4
     # The stop timeout leaves room for vipd's default graceful shutdown.
