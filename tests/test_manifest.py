@@ -391,3 +391,17 @@ def test_layout_b_kubeadm_patch_in_the_quickstart_sets_bind_address(tmp_path):
     assert init["patches"]["directory"] == "/etc/kubernetes/vipd-patches"
     assert init["localAPIEndpoint"]["advertiseAddress"] == node_ip
     assert cluster["controlPlaneEndpoint"] == "192.0.2.10:6443" and "apiServer" not in cluster
+
+
+def test_quickstart_reprint_on_the_first_node_drops_start_as_leader():
+    """Step 4's reason holds: the init manifest sets VIPD_START_AS_LEADER, the join one does not
+    (both golden files are checked against the real output above)."""
+    init = yaml.safe_load((GOLDEN / "kubeadm-init.yaml").read_text().replace("@VERSION@", "v"))
+    join = yaml.safe_load((GOLDEN / "kubeadm-join.yaml").read_text().replace("@VERSION@", "v"))
+
+    def env(pod):
+        return {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+
+    assert env(init)["VIPD_START_AS_LEADER"] == "true"
+    assert "VIPD_START_AS_LEADER" not in env(join)
+    assert "drops it" in (DOCS / "quickstart-kubeadm.md").read_text()
