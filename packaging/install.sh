@@ -8,10 +8,11 @@
 #   2. $VIPD_BINDIR/vipd -> $VIPD_PREFIX/bin/vipd
 #   3. vipd.service into $VIPD_UNITDIR
 #   4. vipd.env into $VIPD_CONFDIR, only if there is none yet (never overwrites your settings)
-#   5. systemctl daemon-reload (when systemd runs); enabling/starting is left to you
+#   5. the docs (docs/*.md) into $VIPD_DOCDIR, where the unit's Documentation= points
+#   6. systemctl daemon-reload (when systemd runs); enabling/starting is left to you
 # Every location can be overridden (tests install into a scratch directory):
 #   VIPD_PREFIX=/opt/vipd VIPD_BINDIR=/usr/local/bin VIPD_UNITDIR=/etc/systemd/system
-#   VIPD_CONFDIR=/etc/vipd PYTHON=python3
+#   VIPD_CONFDIR=/etc/vipd VIPD_DOCDIR=/usr/local/share/doc/vipd PYTHON=python3
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -21,6 +22,7 @@ prefix="${VIPD_PREFIX:-/opt/vipd}"
 bindir="${VIPD_BINDIR:-/usr/local/bin}"
 unitdir="${VIPD_UNITDIR:-/etc/systemd/system}"
 confdir="${VIPD_CONFDIR:-/etc/vipd}"
+docdir="${VIPD_DOCDIR:-/usr/local/share/doc/vipd}"
 python="${PYTHON:-python3}"
 
 say() { printf 'install.sh: %s\n' "$*"; }
@@ -44,7 +46,9 @@ ln -sfn "$prefix/bin/vipd" "$bindir/vipd"
 
 say "unit $unitdir/vipd.service"
 install -d -m 0755 "$unitdir"
-sed "s#^ExecStart=/usr/local/bin/vipd #ExecStart=$bindir/vipd #" "$repo/systemd/vipd.service" > "$unitdir/vipd.service.tmp"
+sed -e "s#^ExecStart=/usr/local/bin/vipd #ExecStart=$bindir/vipd #" \
+    -e "s#file:/usr/local/share/doc/vipd/#file:$docdir/#" \
+    "$repo/systemd/vipd.service" > "$unitdir/vipd.service.tmp"
 chmod 0644 "$unitdir/vipd.service.tmp"
 mv "$unitdir/vipd.service.tmp" "$unitdir/vipd.service"
 
@@ -55,6 +59,10 @@ else
   say "example configuration $confdir/vipd.env (edit it: VIPD_ADDRESS, backends)"
   install -m 0600 "$repo/systemd/vipd.env" "$confdir/vipd.env"
 fi
+
+say "docs in $docdir"
+install -d -m 0755 "$docdir"
+install -m 0644 "$repo"/docs/*.md "$docdir/"
 
 if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
   systemctl daemon-reload

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -19,6 +21,19 @@ from vipd import config as config_mod
 from vipd.config import Config, StatusConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@contextmanager
+def scratch_netns() -> Iterator[str]:
+    """A network namespace of the test's own (``vops-<random>``, loopback up), always deleted."""
+    name = f"vops-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True,
+                       capture_output=True, timeout=30)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], timeout=30, check=False)
 
 
 def make_config(*, listen: str = "127.0.0.1:0", **flags: Any) -> Config:

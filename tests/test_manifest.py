@@ -255,7 +255,8 @@ def test_kubeadm_join_unreachable_apiserver_exits_1(capsys, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-OPS_DOCS = ("quickstart-kubeadm.md", "systemd.md", "metrics.md", "logging.md", "troubleshooting.md", "migrating.md")
+OPS_DOCS = ("quickstart-kubeadm.md", "systemd.md", "metrics.md", "logging.md", "troubleshooting.md", "migrating.md",
+            "container.md")
 NOT_SETTINGS = {"VIPD_PREFIX", "VIPD_BINDIR", "VIPD_UNITDIR", "VIPD_CONFDIR", "VIPD_UPDATE_GOLDEN"}
 
 
@@ -282,3 +283,125 @@ def test_migrating_maps_every_kube_vip_name_and_its_examples_are_valid():
     cfg = config_mod.load(environ=env)
     assert cfg.proxy.backends == (("192.0.2.21", 6444), ("192.0.2.22", 6444), ("192.0.2.23", 6444))
     assert cfg.proxy.health.path == "/readyz" and cfg.proxy.health.fall == 3
+
+
+# --------------------------------------------------------------------------------------------
+# Layout B of the quickstart: apiserver and vipd both on port 6443 of one node.
+# --------------------------------------------------------------------------------------------
+
+# Runs inside a namespace of the test's own: listeners opened the way kube-apiserver (Go's
+# net.Listen: SO_REUSEADDR; a wildcard "tcp" address becomes a dual-stack [::] socket) and
+# vipd (vipd.proxy.server.open_listener, the real one) open them.
+_BIND_PROBE = r"""
+import json, socket
+from vipd.errors import ProxyError
+from vipd.proxy.server import open_listener
+VIP, NODE = "127.0.0.2", "127.0.0.3"
+
+def apiserver(host, port=0):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind((host, port))
+    s.listen()
+    return s
+
+def vipd_after(api):
+    try:
+        open_listener(VIP, api.getsockname()[1], 16).close()
+        return "ok"
+    except ProxyError as exc:
+        return str(exc)
+    finally:
+        api.close()
+
+out = {"wildcard4": vipd_after(apiserver("0.0.0.0")), "node_ip": vipd_after(apiserver(NODE))}
+if socket.has_ipv6:
+    out["wildcard6"] = vipd_after(apiserver("::"))
+lst = open_listener(VIP, 0, 16)
+try:
+    apiserver("0.0.0.0", lst.getsockname()[1]).close()
+    out["vipd_first"] = "ok"
+except OSError as exc:
+    out["vipd_first"] = exc.strerror
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.netns
+def test_layout_b_needs_the_apiserver_off_the_wildcard_address():
+    """What docs/quickstart-kubeadm.md and troubleshooting.md say about port 6443: a wildcard
+    listener and vipd's VIP:6443 collide in either order; the apiserver on the node IP does not."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.ops_fixtures import REPO, scratch_netns
+
+    with scratch_netns() as ns:
+        proc = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", _BIND_PROBE],
+                              capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["node_ip"] == "ok"
+    for case in ("wildcard4", "wildcard6"):
+        if case in out:
+            assert out[case].startswith("cannot listen on 127.0.0.2:") and "Address already in use" in out[case], out
+    assert out["vipd_first"] == "Address already in use"
+
+
+def test_layout_b_kubeadm_patch_in_the_quickstart_sets_bind_address(tmp_path):
+    import re
+    import subprocess
+
+    text = (DOCS / "quickstart-kubeadm.md").read_text()
+    # The shell lines as written, with tee writing into a scratch directory instead of /etc.
+    block = text.split("# layout B only: on each control-plane node", 1)[1].split("\n", 1)[1].split("```", 1)[0]
+    script = block.replace("sudo ", "").replace("/etc/kubernetes/vipd-patches", str(tmp_path / "patches"))
+    proc = subprocess.run(["bash", "-euc", script], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    files = list((tmp_path / "patches").iterdir())
+    assert len(files) == 1
+    # kubeadm's naming: target[suffix][+patchtype].extension
+    m = re.fullmatch(r"(kube-apiserver)([^+.]*)\+(json)\.(yaml|json)", files[0].name)
+    assert m, files[0].name
+    ops = yaml.safe_load(files[0].read_text())
+    node_ip = re.search(r"^NODE_IP=(\S+)", block, re.M).group(1)
+    assert ops == [{"op": "add", "path": "/spec/containers/0/command/-", "value": f"--bind-address={node_ip}"}]
+    # Applied (RFC 6902 "add", "-" = append) to the shape of kubeadm's apiserver manifest.
+    pod = {"spec": {"containers": [{"name": "kube-apiserver",
+                                    "command": ["kube-apiserver", f"--advertise-address={node_ip}"]}]}}
+    *parents, last = ops[0]["path"].strip("/").split("/")
+    target = pod
+    for part in parents:
+        target = target[int(part)] if isinstance(target, list) else target[part]
+    assert last == "-"
+    target.append(ops[0]["value"])
+    assert pod["spec"]["containers"][0]["command"][-1] == f"--bind-address={node_ip}"
+    # Every layout B kubeadm command passes the patches, including the upgrade note.
+    assert "--apiserver-advertise-address 192.0.2.21 \\\n    --patches /etc/kubernetes/vipd-patches" in text
+    assert "--apiserver-advertise-address <this node's IP> --patches /etc/kubernetes/vipd-patches" in text
+    assert "kubeadm upgrade apply|node" in text
+    # The configuration-file form parses and carries the same pieces.
+    docs = list(yaml.safe_load_all(text.split("# kubeadm init --config init.yaml", 1)[1].split("\n", 1)[1].split("```", 1)[0]))
+    init = next(d for d in docs if d["kind"] == "InitConfiguration")
+    cluster = next(d for d in docs if d["kind"] == "ClusterConfiguration")
+    assert init["patches"]["directory"] == "/etc/kubernetes/vipd-patches"
+    assert init["localAPIEndpoint"]["advertiseAddress"] == node_ip
+    assert cluster["controlPlaneEndpoint"] == "192.0.2.10:6443" and "apiServer" not in cluster
+
+
+def test_quickstart_reprint_on_the_first_node_drops_start_as_leader():
+    """Step 4's reason holds: the init manifest sets VIPD_START_AS_LEADER, the join one does not
+    (both golden files are checked against the real output above)."""
+    init = yaml.safe_load((GOLDEN / "kubeadm-init.yaml").read_text().replace("@VERSION@", "v"))
+    join = yaml.safe_load((GOLDEN / "kubeadm-join.yaml").read_text().replace("@VERSION@", "v"))
+
+    def env(pod):
+        return {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+
+    assert env(init)["VIPD_START_AS_LEADER"] == "true"
+    assert "VIPD_START_AS_LEADER" not in env(join)
+    assert "drops it" in (DOCS / "quickstart-kubeadm.md").read_text()

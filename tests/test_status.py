@@ -86,6 +86,30 @@ def test_route_readyz_names_missing_tasks_and_stopping():
     assert resp.status == 503 and b"stopping" in resp.body
 
 
+def test_metrics_doc_names_the_real_tasks_and_readyz_text():
+    """docs/metrics.md's /readyz line: the task names of the production plan (everything
+    enabled) and a 503 text exactly as readiness_text() words it."""
+    import re
+    from pathlib import Path
+
+    from vipd.status import readiness_text
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "metrics.md").read_text()
+    cfg = make_config(**{"proxy.enabled": True, "proxy.backends": ["10.0.0.11:6444"], "announce.enabled": True})
+    state = RuntimeState(node=cfg.node)
+    plan = app.default_plan(app.Wiring(cfg=cfg, state=state))
+    names = [n for n, _ in plan.services + plan.vip + plan.proxy] + [plan.election[0]]
+    listed = re.search(r"every task has reported started \(([^;)]*)", doc).group(1)
+    assert re.findall(r"`([a-z]+)`", listed) == names
+    state.expected = set(names)
+    state.ready = set(names) - {"election"}
+    text = readiness_text(state).strip()
+    assert text == "not ready: waiting for election, proxy listener"
+    assert f"`{text}`" in doc
+    state.stopping = True
+    assert f"`{readiness_text(state).strip()}`" in doc
+
+
 def test_route_rejects_other_methods():
     s = busy_state()
     resp = route("POST", "/status", "", s, build_registry(s), 100.5)

@@ -10,14 +10,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.ops_fixtures import REPO, notify_socket
+from tests.ops_fixtures import REPO, notify_socket, scratch_netns
 from vipd import config as config_mod
 
 UNIT = Path(REPO) / "systemd" / "vipd.service"
@@ -63,6 +62,15 @@ def test_unit_has_the_required_settings():
         assert s[key] == ["yes"], key
     assert s["ProtectSystem"] == ["strict"]
     assert "@system-service" in s["SystemCallFilter"]
+    # admin.conf is optional at start (first node before `kubeadm init`): a SetCredential= of
+    # the same ID is systemd's fallback when the LoadCredential= file cannot be read.
+    assert s["LoadCredential"] == ["kubeconfig:/etc/kubernetes/admin.conf"]
+    assert [v.split(":", 1)[0] for v in s["SetCredential"]] == ["kubeconfig"]
+    assert s["SetCredential"][0].split(":", 1)[1].strip()  # systemd ignores an empty value
+    assert s["Environment"] == ["VIPD_KUBECONFIG=%d/kubeconfig"]
+    # Documentation= names where packaging/install.sh puts this repository's docs/systemd.md.
+    assert "file:/usr/local/share/doc/vipd/systemd.md" in s["Documentation"][0].split()
+    assert 'docdir="${VIPD_DOCDIR:-/usr/local/share/doc/vipd}"' in (Path(REPO) / "packaging/install.sh").read_text()
     # The watchdog period vipd will use is half of WatchdogSec, well above the 0.5 s tick.
     assert int(s["WatchdogSec"][0].removesuffix("s")) >= 4
     # The stop timeout leaves room for vipd's default graceful shutdown.
@@ -119,17 +127,12 @@ def _ip(*args: str, ns: str | None = None) -> None:
 
 @pytest.fixture
 def netns():
-    name = f"vops-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
-    try:
-        _ip("link", "set", "lo", "up", ns=name)
+    with scratch_netns() as name:
         _ip("link", "add", "d0", "type", "veth", "peer", "name", "d0p", ns=name)
         _ip("link", "set", "d0", "up", ns=name)
         _ip("link", "set", "d0p", "up", ns=name)
         _ip("addr", "add", "192.0.2.2/24", "dev", "d0", ns=name)
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], timeout=30, check=False)
 
 
 async def _in_ns(ns: str, *cmd: str) -> subprocess.CompletedProcess:

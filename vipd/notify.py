@@ -8,8 +8,15 @@ Theory of operation:
       soon as ``state.stopping`` (also from the cancelled path, so a fast shutdown still says
       it), STATUS= with the role from the election's ``Leadership`` events.
     * WATCHDOG=1 every half ``$WATCHDOG_USEC`` (only when ``$WATCHDOG_PID`` is unset or ours),
-      and only while the supervisor's tick (``state.last_tick``, every 0.5 s) is fresh: a
-      stuck supervisor stops the pings and systemd restarts vipd.
+      and only while the supervisor's tick (``state.last_tick``, written every 0.5 s by the
+      supervisor in vipd.app) is fresh. A blocked event loop stops every task, the pings
+      included; the tick check adds that the supervisor itself must be alive, not just this
+      task. Right after a loop stall the tick is old only because its task has not run yet
+      (both wake in the same batch, in either order), so a stale tick is looked at again
+      every ``RECHECK`` seconds instead of a whole period later: a stall of S seconds delays a
+      ping by at most S + RECHECK, never S + a period. ``watchdog.withheld`` is logged only
+      when the tick has not moved for ``STALE_GRACE`` while this task kept running (the
+      supervisor is really gone, not just late).
     * Sending never blocks: the socket is non-blocking and a message that cannot be queued
       is dropped (systemd keeps only the latest state anyway).
     * Without ``$NOTIFY_SOCKET`` the task only drains its leadership channel (so the fan-out
@@ -33,8 +40,13 @@ from vipd.config import Config
 from vipd.events import Leadership
 from vipd.state import RuntimeState
 
-# The supervisor ticks every 0.5 s; four missed ticks and the watchdog pings stop.
+# The supervisor ticks every 0.5 s; a tick older than four ticks' time is stale: no ping.
 WATCHDOG_STALE = 2.0
+# A stale tick is looked at again this soon (it is usually just a tick task that a loop stall
+# woke in the same batch as the watchdog, and that runs a moment later).
+RECHECK = 0.25
+# Stale for this long while the watchdog itself runs: the supervisor is gone, say so.
+STALE_GRACE = 1.0
 # How often READY/STOPPING conditions are looked at (RuntimeState has no events).
 POLL = 0.1
 
@@ -123,17 +135,23 @@ async def _follow_leadership(state: RuntimeState, leadership: trio.MemoryReceive
 async def _watchdog(state: RuntimeState, notifier: Notifier, period: float) -> None:
     logger = log.get("notify")
     withheld = False
+    stale_tick, stale_since = -1.0, 0.0  # the stale tick value seen, and since when (this task's view)
     while True:
-        age = trio.current_time() - state.last_tick
+        now = trio.current_time()
+        age = now - state.last_tick
         if state.last_tick > 0 and age <= WATCHDOG_STALE:
             notifier.send("WATCHDOG=1")
             if withheld:
                 logger.info("watchdog.resumed")
             withheld = False
-        elif not withheld:
+            await trio.sleep(period)
+            continue
+        if state.last_tick != stale_tick:  # first look, or the tick moved (alive, only late)
+            stale_tick, stale_since = state.last_tick, now
+        elif not withheld and now - stale_since >= STALE_GRACE:
             withheld = True
             logger.error("watchdog.withheld", tick_age=round(age, 3))
-        await trio.sleep(period)
+        await trio.sleep(RECHECK)
 
 
 async def run_notify(cfg: Config, state: RuntimeState, leadership: trio.MemoryReceiveChannel, *,
