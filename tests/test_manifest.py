@@ -195,6 +195,8 @@ def test_kubeadm_init_origin_flow_golden(capsys):
     assert cfg.election.start_as_leader is True and cfg.vip.interface == "ens192"
     assert cfg.proxy.discovery == "peers" and cfg.proxy.backend_port == 6444
     assert [(p.id, p.host, p.port) for p in cfg.proxy.peers] == [("controlplane01", "192.0.2.21", 6444)]
+    # The election talks to this node's own apiserver, not through the VIP.
+    assert cfg.election.kubernetes.api_server == "https://192.0.2.21:6444"
 
 
 def test_kubeadm_init_second_layout_bootstrap_golden(capsys):
@@ -210,6 +212,7 @@ def test_kubeadm_init_second_layout_bootstrap_golden(capsys):
     cfg = reload_from_env(data)
     assert cfg.proxy.port == 6443 and cfg.proxy.backend_port == 6443 and cfg.proxy.bind_to_vip
     assert cfg.proxy.name == "Kubeadm Load Balancer"
+    assert cfg.election.kubernetes.api_server == "https://192.0.2.21:6443"  # apiserver on the node IP
     assert data["spec"]["volumes"][0]["hostPath"]["path"] == "/etc/kubernetes/super-admin.conf"
 
 
@@ -227,7 +230,7 @@ def test_kubeadm_join_lists_control_plane_nodes_golden(capsys, tmp_path):
         fake.set_node("controlplane03", "192.0.2.23", control_plane=True)
         fake.set_node("worker01", "192.0.2.31", control_plane=False)
         code, out, err = run_cli(capsys, "kubeadm", "join", "--interface", "ens192", "--vip", "192.0.2.10",
-                                 "--startAsLeader=false", "--config", fake.kubeconfig)
+                                 "--startAsLeader=false", "--config", fake.kubeconfig, "--node", "controlplane02")
         assert any(r[0] == "GET" and r[1] == "/api/v1/nodes" for r in fake.requests)
     assert code == 0, err
     check_golden("kubeadm-join.yaml", out)
@@ -237,8 +240,22 @@ def test_kubeadm_join_lists_control_plane_nodes_golden(capsys, tmp_path):
         ("controlplane01", "192.0.2.21", 6444), ("controlplane02", "192.0.2.22", 6444),
         ("controlplane03", "192.0.2.23", 6444)]
     assert cfg.election.start_as_leader is False
+    # No address for ens192 here: this node's own is taken from the list it is in.
+    assert cfg.election.kubernetes.api_server == "https://192.0.2.22:6444"
     # The pod mounts the node's admin.conf, not the file the nodes were listed with.
     assert data["spec"]["volumes"][0]["hostPath"]["path"] == "/etc/kubernetes/admin.conf"
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    ((), "https://127.0.0.1:6444"),
+    (("--api-server", "https://10.1.2.3:6443"), "https://10.1.2.3:6443"),
+    (("--api-server", ""), None),  # keep the kubeconfig's server (the VIP)
+])
+def test_kubeadm_election_uses_the_local_apiserver_unless_told_otherwise(capsys, extra, expected):
+    code, out, err = run_cli(capsys, "kubeadm", "init", "--interface", "lo", "--vip", "192.0.2.10",
+                             "--node", "cp1", *extra)
+    assert code == 0, err
+    assert env_of(yaml.safe_load(out)).get("VIPD_API_SERVER") == expected
 
 
 def test_kubeadm_join_unreachable_apiserver_exits_1(capsys, tmp_path):

@@ -242,8 +242,12 @@ def _add_origin_flags(p: argparse.ArgumentParser, join: bool) -> None:
     else:
         p.add_argument("--bootstrap", action="store_true",
                        help="mount super-admin.conf (first node, Kubernetes >= 1.29); switch back after init")
-        p.add_argument("--node-ip", metavar="ADDRESS",
-                       help="this node's address for the peer list (default: --interface's IPv4 address)")
+    p.add_argument("--node-ip", metavar="ADDRESS",
+                   help="this node's address, for the peer list and the local apiserver "
+                        "(default: --interface's IPv4 address)")
+    p.add_argument("--api-server", metavar="URL", default=None,
+                   help="apiserver the election talks to (default https://NODE-IP:LB-BACKEND-PORT, "
+                        "this node's own; '' keeps the kubeconfig's server, i.e. the VIP)")
     p.add_argument("--node", metavar="NAME", help="this node's name (default: the hostname)")
     p.add_argument("--image", metavar="IMAGE", help=f"container image (default {default_image()})")
 
@@ -282,11 +286,30 @@ def _peer(name: str, ip: str, port: int) -> str:
     return f"{name}:[{ip}]:{port}" if ":" in ip else f"{name}:{ip}:{port}"
 
 
+def _node_ip(args: argparse.Namespace, probe: Config) -> str | None:
+    return args.node_ip or (interface_ipv4(probe.vip.interface) if probe.vip.interface else None)
+
+
+def _local_apiserver(flags: dict[str, Any], args: argparse.Namespace, probe: Config, ip: str | None) -> None:
+    """The election talks to this node's own apiserver, not to the VIP named in admin.conf:
+    electing the VIP's holder through the VIP deadlocks when every vipd starts at once (a
+    cluster power cycle), and a node whose apiserver is dead must not keep the lease through
+    the others' (docs/kubernetes.md). The certificate is still checked against admin.conf's
+    host. ``--api-server ''`` keeps the kubeconfig's server."""
+    if args.api_server is not None:
+        if args.api_server:
+            flags["election.kubernetes.api_server"] = args.api_server
+        return
+    if probe.election.backend == "kubernetes" and ip:
+        host = f"[{ip}]" if ":" in ip else ip
+        flags["election.kubernetes.api_server"] = f"https://{host}:{probe.proxy.backend_port}"
+
+
 def kubeadm_init_config(args: argparse.Namespace) -> Config:
     flags = origin_flags(args)
+    probe = _load({**flags, "proxy.enabled": False})  # ports and node name, before peers exist
+    ip = _node_ip(args, probe)
     if args.addPeersToLB is not False:
-        probe = _load({**flags, "proxy.enabled": False})  # ports and node name, before peers exist
-        ip = args.node_ip or (interface_ipv4(probe.vip.interface) if probe.vip.interface else None)
         if not ip:
             raise ConfigError([
                 "--addPeersToLB: this node's address is needed for the peer list; expected "
@@ -295,6 +318,7 @@ def kubeadm_init_config(args: argparse.Namespace) -> Config:
         flags["proxy.peers"] = [_peer(probe.node, ip, probe.proxy.backend_port)]
     else:
         flags.setdefault("proxy.enabled", False)
+    _local_apiserver(flags, args, probe, ip)
     return _load(flags)
 
 
@@ -304,15 +328,19 @@ def kubeadm_join_config(args: argparse.Namespace) -> Config:
     from vipd.kubeclient import list_control_plane_nodes
 
     flags = origin_flags(args)
+    probe = _load({**flags, "proxy.enabled": False})
+    ip = _node_ip(args, probe)
     if args.addPeersToLB is False:
         flags["proxy.enabled"] = False
-        return _load(flags)
-    probe = _load({**flags, "proxy.enabled": False})
-    nodes = asyncio.run(list_control_plane_nodes(args.kubeadm_kubeconfig))
-    if not nodes:
-        raise VipdError(f"no control-plane node with an InternalIP found through {args.kubeadm_kubeconfig}")
-    flags["proxy.discovery"] = "peers"
-    flags["proxy.peers"] = [_peer(name, ip, probe.proxy.backend_port) for name, ip in nodes]
+    else:
+        nodes = asyncio.run(list_control_plane_nodes(args.kubeadm_kubeconfig))
+        if not nodes:
+            raise VipdError(f"no control-plane node with an InternalIP found through {args.kubeadm_kubeconfig}")
+        flags["proxy.discovery"] = "peers"
+        flags["proxy.peers"] = [_peer(name, node_ip, probe.proxy.backend_port) for name, node_ip in nodes]
+        if not ip:  # this node is in the list it just read
+            ip = next((node_ip for name, node_ip in nodes if name == probe.node), None)
+    _local_apiserver(flags, args, probe, ip)
     return _load(flags)
 
 
