@@ -100,6 +100,10 @@ def test_bad_kubeconfig_is_a_config_error(tmp_path: Path, monkeypatch: pytest.Mo
     garbage.write_text("::: not yaml [")
     with pytest.raises(KubeConfigError):
         asyncio.run(list_control_plane_nodes(str(garbage)))
+    for text in ("", "placeholder, admin.conf not there yet\n", "apiVersion: v1\nkind: Config\n"):
+        garbage.write_text(text)  # empty, systemd's placeholder credential, no clusters
+        with pytest.raises(KubeConfigError, match="not a kubeconfig"):
+            asyncio.run(list_control_plane_nodes(str(garbage)))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(KubeConfigError, match="in-cluster"):
         asyncio.run(list_control_plane_nodes(""))

@@ -59,6 +59,11 @@ async def load_configuration(kubeconfig: str, api_server: str | None = None) -> 
             # The loader reads the file synchronously anyway; a tiny local stat is fine.
             if not os.path.isfile(kubeconfig):  # noqa: ASYNC240
                 raise FileNotFoundError(f"no such file: {kubeconfig}")
+            with open(kubeconfig, "rb") as fh:  # noqa: ASYNC230 (small local file, read once)
+                doc = yaml.safe_load(fh)
+            if not isinstance(doc, dict) or not doc.get("clusters"):
+                # e.g. systemd's placeholder credential while admin.conf does not exist yet
+                raise ValueError("not a kubeconfig (empty, or no clusters:)")
             await k8s_config.load_kube_config(
                 config_file=kubeconfig, client_configuration=configuration, persist_config=False
             )
