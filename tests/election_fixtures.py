@@ -226,6 +226,32 @@ async def start_all(nursery: trio.Nursery, electors: list[ElectorHarness], *, wa
         await until(lambda: any(e.leader for e in electors))
 
 
+def leader_spans(electors: list[ElectorHarness], end: float | None = None) -> list[tuple[float, float, str]]:
+    """(start, end, node) of every leadership span in the electors' events, sorted by start;
+    a span still open ends at ``end`` (default: now)."""
+    end = trio.current_time() if end is None else end
+    spans = []
+    for e in electors:
+        start = None
+        for t, ev in e.events:
+            if ev.leader and start is None:
+                start = t
+            elif not ev.leader and start is not None:
+                spans.append((start, t, e.node))
+                start = None
+        if start is not None:
+            spans.append((start, end, e.node))
+    return sorted(spans)
+
+
+def assert_spans_disjoint(spans: list[tuple[float, float, str]]) -> None:
+    """No two nodes' leadership spans overlap (touching is fine)."""
+    for i, (s1, e1, n1) in enumerate(spans):
+        for s2, e2, n2 in spans[i + 1:]:
+            assert n1 == n2 or min(e1, e2) <= max(s1, s2), \
+                f"{n1} led {s1:.3f}-{e1:.3f} and {n2} led {s2:.3f}-{e2:.3f}"
+
+
 async def sample_leaders(electors: list[ElectorHarness], duration: float, step: float = 0.01) -> list[list[str]]:
     """Who claims leadership, sampled every ``step`` for ``duration`` (trio clock)."""
     seen = []

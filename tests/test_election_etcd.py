@@ -15,10 +15,17 @@ import pytest
 import trio
 
 from bench.election_timing import ElectorProc, assert_never_two_leaders, first_leader
-from tests.election_fixtures import ElectorHarness, sample_leaders, start_all, until
+from tests.election_fixtures import (
+    ElectorHarness,
+    assert_spans_disjoint,
+    leader_spans,
+    sample_leaders,
+    start_all,
+    until,
+)
 from tests.etcd_fixtures import EtcdServer, etcd_server  # noqa: F401 (fixture)
 from vipd import config as config_mod
-from vipd.election.backend import LeaseConflict
+from vipd.election.backend import BackendUnavailable, LeaseConflict
 from vipd.election.etcd import EtcdLeaseBackend, lease_ttl
 
 pytestmark = pytest.mark.etcd
@@ -42,8 +49,8 @@ def electors_for(server: EtcdServer, count: int = 3) -> list[ElectorHarness]:
     return [ElectorHarness(c.node, c, EtcdLeaseBackend(c), vip_gone=True) for c in cfgs]
 
 
-async def sample(electors: list[ElectorHarness], duration: float) -> list[int]:
-    return [len(who) for who in await sample_leaders(electors, duration)]
+async def sample(electors: list[ElectorHarness], duration: float, step: float = 0.01) -> list[int]:
+    return [len(who) for who in await sample_leaders(electors, duration, step)]
 
 
 async def test_backend_calls_against_real_etcd(etcd_server):  # noqa: F811
@@ -150,6 +157,47 @@ async def test_etcd_restart_never_two_leaders(etcd_server):  # noqa: F811
     for (_s1, e1, f1, n1), (s2, _e2, _f2, n2) in zip(spans, spans[1:], strict=False):
         if n1 != n2:
             assert e1 <= s2 and s2 >= f1
+
+
+class KeepaliveLoss(EtcdLeaseBackend):
+    """The real backend, except that while ``lose`` is set its keep-alives fail (a slow or
+    one-way-lossy path: reads, grants and transactions still get through)."""
+
+    lose = False
+
+    async def _post(self, path: str, body: dict[str, Any], deadline: float) -> dict[str, Any]:
+        if self.lose and path == "/v3/lease/keepalive":
+            raise BackendUnavailable("injected: keep-alive lost")
+        return await super()._post(path, body, deadline)
+
+
+async def test_keepalive_loss_retake_never_two_leaders(etcd_server):  # noqa: F811
+    """Regression: a leader whose keep-alives fail steps down at the renew deadline, sees its
+    own key and takes it again. Reusing its old lease (whose TTL it could not extend) made it
+    publish safe_until/fence_until past the key's real expiry, and the other node took the
+    expired key while it still led. Now every acquire puts the key on a fresh lease."""
+    prefix = fresh_prefix()
+    ca, cb = make_cfg("a", [etcd_server.url], prefix), make_cfg("b", [etcd_server.url], prefix)
+    a = ElectorHarness("a", ca, KeepaliveLoss(ca), vip_gone=True)
+    b = ElectorHarness("b", cb, EtcdLeaseBackend(cb), vip_gone=True)
+    rd = ca.election.renew_deadline
+    with trio.fail_after(40):
+        async with trio.open_nursery() as n:
+            await n.start(a.run)
+            await until(lambda: a.leader)
+            await n.start(b.run)
+            await sample(electors := [a, b], 1.0)
+            t_loss = trio.current_time()
+            a.backend.lose = True
+            # Two renew deadlines and a TTL with etcd's sweep: the old lease would have expired
+            # under a retaken leadership by then.
+            counts = await sample(electors, 2 * rd + a.backend.ttl + 0.5, step=0.005)
+            n.cancel_scope.cancel()
+    assert max(counts) <= 1
+    assert_spans_disjoint(leader_spans(electors))
+    lost = [t for t, ev in a.events if t > t_loss and not ev.leader and ev.reason == "renew_deadline"]
+    retook = [t for t, ev in a.events if lost and t > lost[0] and ev.leader and ev.reason == "acquired"]
+    assert lost and retook, "the scenario did not happen: a never stepped down and retook its key"
 
 
 def test_sigkilled_leader_replaced_within_ttl_plus_retry(etcd_server, record_property):  # noqa: F811

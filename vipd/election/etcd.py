@@ -3,9 +3,10 @@
 Owns: translating the lease protocol into etcd calls and etcd/httpx errors into
 ``BackendUnavailable`` / ``LeaseConflict``, once, here:
 
-    acquire  grant a lease (TTL = max(2, ceil(lease_duration))), then one transaction:
+    acquire  grant a FRESH lease (TTL = max(2, ceil(lease_duration))), then one transaction:
              key absent (create_revision == 0; or mod_revision == the version seen, for this
-             node's own or an orphaned record) → put ``<prefix>leader`` = node with the lease
+             node's own or an orphaned record) → put ``<prefix>leader`` = node with that lease
+             (a put moves the key off any lease it was on)
     renew    keep-alive of that lease (an expired lease answers 200 without TTL → lost), then
              a read confirming the key is still this node's on this lease
     release  revoke the lease: etcd deletes the key at once, watchers see it
@@ -15,6 +16,13 @@ Owns: translating the lease protocol into etcd calls and etcd/httpx errors into
 
 The key lives on the lease, so etcd itself removes it when the holder stops renewing
 (``server_expires``); TTL ≥ lease_duration keeps the holder's fence_until honest.
+
+Why acquire never reuses a lease it already has: putting a key onto an existing lease does not
+extend that lease, and after failed keep-alives its remaining TTL is unknown (it may be about to
+expire). The machine counts a successful acquire as safe from the request's start for
+renew_deadline / lease_duration; only a lease granted inside this very request is sure to live
+TTL ≥ lease_duration from then. The replaced lease then holds nothing and runs out by itself
+(not revoked: that would cost the take-over a round trip).
 TLS (CA, client certificate/key), username/password auth (token per endpoint, re-fetched
 when rejected) and failover between several endpoints.
 
@@ -189,11 +197,11 @@ class EtcdLeaseBackend:
         return None if kv is None else self._record(kv)
 
     async def acquire(self, seen: LeaseRecord | None, deadline: float) -> LeaseRecord:
-        if self.lease_id is None:
-            grant = await self._post("/v3/lease/grant", {"TTL": self.ttl}, deadline)
-            if not grant.get("ID") or int(grant.get("TTL", 0)) < self.ttl:
-                raise BackendUnavailable(f"etcd: lease grant answered {grant.get('TTL')!r}s, wanted {self.ttl}s")
-            self.lease_id = str(grant["ID"])
+        # Always a fresh lease (module docstring): the old one's remaining TTL is unknown.
+        grant = await self._post("/v3/lease/grant", {"TTL": self.ttl}, deadline)
+        if not grant.get("ID") or int(grant.get("TTL", 0)) < self.ttl:
+            raise BackendUnavailable(f"etcd: lease grant answered {grant.get('TTL')!r}s, wanted {self.ttl}s")
+        lease = str(grant["ID"])
         if seen is None:
             compare = {"key": self.key, "target": "CREATE", "create_revision": "0"}
         else:
@@ -201,14 +209,16 @@ class EtcdLeaseBackend:
         txn = {
             "compare": [compare],
             "success": [
-                {"request_put": {"key": self.key, "value": _b64(self.node.encode()), "lease": self.lease_id}},
+                {"request_put": {"key": self.key, "value": _b64(self.node.encode()), "lease": lease}},
                 {"request_range": {"key": self.key}},
             ],
         }
         data = await self._post("/v3/kv/txn", txn, deadline)
         if not data.get("succeeded"):
-            self.lease_id = None  # unused: it runs out by itself within its TTL
+            # The fresh lease is unused and runs out within its TTL. ``lease_id`` stays: the key
+            # may still be on it, and a graceful stop revokes it.
             raise LeaseConflict("etcd: the leader key changed")
+        self.lease_id = lease
         try:
             kv = self._first_kv(data["responses"][1]["response_range"])
         except (KeyError, IndexError, TypeError):
