@@ -261,12 +261,31 @@ class FakeNetwork:
         self.changed = trio.Event()
 
 
+class Board:
+    """Wakes whoever waits on a condition over electors each time one of them records an event
+    (electors that share a board can be waited on together: ``await board.until(pred)``)."""
+
+    def __init__(self) -> None:
+        self._changed = trio.Event()
+
+    def changed(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def until(self, pred: Any) -> None:
+        while not pred():
+            await self._changed.wait()
+
+
 class ElectorHarness:
     """One node's election task with its state, its Leadership events (with trio times), a
-    cancel scope that stops it gracefully, and its release gate."""
+    cancel scope that stops it gracefully, and its release gate. Every event it records wakes
+    its ``board`` (pass one board to electors that are waited on together)."""
 
-    def __init__(self, node: str, cfg: Config, backend: Any, *, vip_gone: bool = False) -> None:
+    def __init__(self, node: str, cfg: Config, backend: Any, *, vip_gone: bool = False,
+                 board: Board | None = None) -> None:
         self.node, self.cfg, self.backend = node, cfg, backend
+        self.board = board or Board()
         self.state = RuntimeState(node=node)
         self.fanout = Fanout()
         self.events: list[tuple[float, Leadership]] = []
@@ -282,6 +301,7 @@ class ElectorHarness:
         async def collect() -> None:
             async for ev in recv:
                 self.events.append((trio.current_time(), ev))
+                self.board.changed()
 
         try:
             async with trio.open_nursery() as outer:
@@ -300,19 +320,19 @@ class ElectorHarness:
         return self.state.election.role == "leader"
 
 
-async def until(pred: Any, step: float = 0.01) -> None:
-    """Poll a condition on the trio clock (cap the caller with fail_after)."""
-    while True:
-        if pred():
-            return
-        await trio.sleep(step)
+async def wait_for(electors: list[ElectorHarness], pred: Any) -> None:
+    """Until ``pred()`` holds, re-checked on each event the electors record (they must share a
+    board; cap the caller with fail_after)."""
+    board = electors[0].board
+    assert all(e.board is board for e in electors), "electors waited on together share a board"
+    await board.until(pred)
 
 
 async def start_all(nursery: trio.Nursery, electors: list[ElectorHarness], *, wait_leader: bool = True) -> None:
     for e in electors:
         await nursery.start(e.run)
     if wait_leader:
-        await until(lambda: any(e.leader for e in electors))
+        await wait_for(electors, lambda: any(e.leader for e in electors))
 
 
 def leader_spans(electors: list[ElectorHarness], end: float | None = None) -> list[tuple[float, float, str]]:

@@ -16,12 +16,13 @@ import trio
 
 from bench.election_timing import ElectorProc, assert_never_two_leaders, first_leader
 from tests.election_fixtures import (
+    Board,
     ElectorHarness,
     assert_spans_disjoint,
     leader_spans,
     sample_leaders,
     start_all,
-    until,
+    wait_for,
 )
 from tests.etcd_fixtures import EtcdServer, etcd_server  # noqa: F401 (fixture)
 from vipd import config as config_mod
@@ -44,9 +45,9 @@ def fresh_prefix() -> str:
 
 
 def electors_for(server: EtcdServer, count: int = 3) -> list[ElectorHarness]:
-    prefix = fresh_prefix()
+    prefix, board = fresh_prefix(), Board()
     cfgs = [make_cfg(f"n{i}", [server.url], prefix) for i in range(count)]
-    return [ElectorHarness(c.node, c, EtcdLeaseBackend(c), vip_gone=True) for c in cfgs]
+    return [ElectorHarness(c.node, c, EtcdLeaseBackend(c), vip_gone=True, board=board) for c in cfgs]
 
 
 async def sample(electors: list[ElectorHarness], duration: float, step: float = 0.01) -> list[int]:
@@ -114,7 +115,7 @@ async def test_three_electors_one_leader_and_graceful_handover(etcd_server, reco
             (leader,) = [e for e in electors if e.leader]
             t_stop = trio.current_time()
             leader.scope.cancel()
-            await until(lambda: any(e.leader for e in electors if e is not leader), step=0.001)
+            await wait_for(electors, lambda: any(e.leader for e in electors if e is not leader))
             handover = trio.current_time() - t_stop
             record_property("graceful_handover_ms", round(handover * 1000, 1))
             print(f"graceful hand-over: {handover * 1000:.1f} ms")
@@ -178,13 +179,14 @@ async def test_keepalive_loss_retake_never_two_leaders(etcd_server):  # noqa: F8
     expired key while it still led. Now every acquire puts the key on a fresh lease."""
     prefix = fresh_prefix()
     ca, cb = make_cfg("a", [etcd_server.url], prefix), make_cfg("b", [etcd_server.url], prefix)
-    a = ElectorHarness("a", ca, KeepaliveLoss(ca), vip_gone=True)
-    b = ElectorHarness("b", cb, EtcdLeaseBackend(cb), vip_gone=True)
+    board = Board()
+    a = ElectorHarness("a", ca, KeepaliveLoss(ca), vip_gone=True, board=board)
+    b = ElectorHarness("b", cb, EtcdLeaseBackend(cb), vip_gone=True, board=board)
     rd = ca.election.renew_deadline
     with trio.fail_after(40):
         async with trio.open_nursery() as n:
             await n.start(a.run)
-            await until(lambda: a.leader)
+            await wait_for([a], lambda: a.leader)
             await n.start(b.run)
             await sample(electors := [a, b], 1.0)
             t_loss = trio.current_time()
