@@ -371,3 +371,32 @@ async def test_bootstrap_yields_to_a_lease_held_by_another_node(fake_apiserver: 
             assert [ev.reason for _, ev in late.events][-1] == "bootstrap_yield"
             assert fake_apiserver.lease(NS, NAME)["spec"]["holderIdentity"] == "node-b"
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.slow
+async def test_renew_applied_but_answered_late_does_not_flap(fake_apiserver: FakeApiServer) -> None:
+    """The apiserver applies a renew but answers after the request deadline: the leader keeps a
+    stale resourceVersion and its next renew gets 409. It re-reads at once, finds its own name
+    (only it writes that) and renews with the fresh version: no step-down, no VIP flap."""
+    # LD 4 s / RD 3 s: request timeout max(RP, RD/2) = 1.5 s, and after the 409 the re-read and
+    # the renew still have ~1 s before the renew deadline even on this loaded 2-core machine.
+    timing = {"election.lease_duration": "4s", "election.renew_deadline": "3s",
+              "election.retry_period": "0.5s"}
+    with trio.fail_after(30):
+        async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+            a = kube_elector(fake_apiserver, "node-a", Board(), **timing)
+            await nursery.start(a.run)
+            await wait_for([a], lambda: sum(ev.reason == "renewed" for _, ev in a.events) >= 2)
+            term = fake_apiserver.lease(NS, NAME)["spec"]["leaseTransitions"]
+            armed, answers_before = trio.current_time(), len(fake_apiserver.lease_answers)
+            fake_apiserver.answer_lease_write_late(2.0)  # later than any request deadline
+            # next renew (≤ RP) + its timeout (1.5 s) + 409 + re-read + renew, then some more
+            await trio.sleep(0.5 + 1.5 + 2.0)
+            answers = fake_apiserver.lease_answers[answers_before:]
+            assert any(x.status == 409 for x in answers), "the stale renew was never refused"
+            assert all(ev.leader for t, ev in a.events if t >= armed), \
+                [(round(t - armed, 3), ev.reason) for t, ev in a.events if t >= armed]
+            assert sum(ev.reason == "renewed" for t, ev in a.events if t > armed + 2.0) >= 2
+            spec = fake_apiserver.lease(NS, NAME)["spec"]
+            assert (spec["holderIdentity"], spec["leaseTransitions"]) == ("node-a", term)
+            nursery.cancel_scope.cancel()

@@ -155,11 +155,56 @@ def test_hung_renew_still_steps_down_by_renew_deadline():
     assert not m.leader
 
 
-def test_renew_conflict_steps_down_at_once():
+def refused_renew(at: float = 0.5) -> tuple[LeaseMachine, Decision]:
+    """A leader (acquired at 0) whose renew at ``at`` the server refused."""
     m = leader_at(0.0)
-    m.decide(0.5)
-    d = m.decide(0.51, Outcome(Result.CONFLICT, 0.5))
-    assert reasons(d) == ["conflict"] and d.changes[0].leader is False
+    assert m.decide(at).action is Action.RENEW
+    return m, m.decide(at + 0.01, Outcome(Result.CONFLICT, at))
+
+
+def test_refused_renew_rereads_at_once_still_leading():
+    m, d = refused_renew()
+    assert (d.action, d.why, reasons(d)) == (Action.OBSERVE, Why.VERIFY, [])
+    assert m.leader and d.deadline <= m.renew_by - T.margin
+
+
+def test_refused_renew_of_a_still_own_record_renews_with_the_fresh_version():
+    """A renew applied but answered late left ``held`` stale: no flap, no step-down."""
+    m, d = refused_renew()
+    fresh = LeaseRecord("n1", "v11", 4, 2.0)
+    d = m.decide(0.53, Outcome.ok(0.51, fresh))
+    assert (d.action, d.why, d.record, reasons(d)) == (Action.RENEW, Why.RENEW_DUE, fresh, [])
+    d = m.decide(0.55, Outcome.ok(0.53, LeaseRecord("n1", "v12", 4, 2.0)))
+    assert reasons(d) == ["renewed"] and d.changes[0].safe_until == pytest.approx(0.53 + T.renew_deadline)
+
+
+@pytest.mark.parametrize("after", [OTHER, None, LeaseRecord(None, "v12", 4)], ids=["other", "gone", "released"])
+def test_refused_renew_of_a_lost_record_steps_down_at_once(after):
+    m, d = refused_renew()
+    d = m.decide(0.53, Outcome.ok(0.51, after))
+    assert reasons(d)[0] == "conflict" and not m.leader and m.held is None
+
+
+def test_renew_refused_again_after_the_reread_steps_down():
+    m, d = refused_renew()
+    d = m.decide(0.53, Outcome.ok(0.51, LeaseRecord("n1", "v11", 4, 2.0)))
+    assert d.action is Action.RENEW
+    d = m.decide(0.54, Outcome(Result.CONFLICT, 0.53))
+    assert reasons(d) == ["conflict"] and not m.leader
+
+
+def test_refused_renew_with_backend_failing_steps_down_at_renew_deadline():
+    m, d = refused_renew()
+    now = d.at
+    while m.leader:
+        if d.action is not Action.WAIT:
+            assert d.deadline <= m.renew_by - T.margin
+            d = m.decide(now + 0.01, Outcome(Result.ERROR, now))
+            now += 0.01
+        else:
+            now = d.at
+            d = m.decide(now)
+    assert now == pytest.approx(T.renew_deadline) and reasons(d) == ["renew_deadline"]
 
 
 def test_follower_backoff_is_capped_and_jittered():
