@@ -32,6 +32,17 @@ from vipd.election.etcd import EtcdLeaseBackend, lease_ttl
 pytestmark = pytest.mark.etcd
 
 
+# Bounds from the issue, derived from the configured timers (defaults LD 2 s, RD 1.5 s, RP 0.5 s,
+# so TTL = 2 s), plus two named allowances:
+GRACEFUL_HANDOVER = 0.2  # the issue's bound: release → watch → take-over, far below RP (no poll)
+ETCD_EXPIRY_SWEEP = 0.5  # etcd 3.4 revokes expired leases in a 500 ms loop: a key outlives its TTL by ≤ 0.5 s
+# This 2-core machine is shared with other test runs: the take-over's read + grant + txn and the
+# elector process's report can each wait a scheduling slice. 0.25 s, about 3x the slowest
+# graceful hand-over measured here (72 ms), is the allowance; a real regression (missing the
+# watch and waiting for a poll, or counting from the wrong instant) costs more.
+LOADED_MACHINE_MARGIN = 0.25
+
+
 def make_cfg(node: str, endpoints: list[str], prefix: str, **flags: Any) -> config_mod.Config:
     base = {"vip.address": ["192.0.2.10"], "election.backend": "etcd", "proxy.enabled": False,
             "node": node, "shutdown_timeout": "3s", "proxy.drain_timeout": "1s",
@@ -119,7 +130,8 @@ async def test_three_electors_one_leader_and_graceful_handover(etcd_server, reco
             handover = trio.current_time() - t_stop
             record_property("graceful_handover_ms", round(handover * 1000, 1))
             print(f"graceful hand-over: {handover * 1000:.1f} ms")
-            assert handover <= 0.5  # within one retry period; typically tens of ms (watch)
+            # In-process, nothing but trio scheduling between the electors: the issue's bound.
+            assert handover <= GRACEFUL_HANDOVER
             counts = await sample(electors, 1.0)
             assert all(c == 1 for c in counts)
             n.cancel_scope.cancel()
@@ -134,9 +146,14 @@ async def test_etcd_restart_never_two_leaders(etcd_server):  # noqa: F811
             await trio.to_thread.run_sync(etcd_server.kill)
             counts += await sample(electors, 2.5)
             assert not any(e.leader for e in electors)  # renew deadline passed: everyone stepped down
-            restart = trio.to_thread.run_sync(etcd_server.start)
-            n.start_soon(lambda: restart)
-            while not etcd_server.running:
+            ready = trio.Event()
+
+            async def restart() -> None:
+                await trio.to_thread.run_sync(etcd_server.start)  # returns once /health is true
+                ready.set()
+
+            n.start_soon(restart)
+            while not ready.is_set():  # sample throughout the restart, until etcd serves again
                 counts.append(sum(e.leader for e in electors))
                 await trio.sleep(0.01)
             counts += await sample(electors, 5.0)
@@ -216,13 +233,21 @@ def test_sigkilled_leader_replaced_within_ttl_plus_retry(etcd_server, record_pro
         took = nxt[1] - leader.killed_at
         record_property("crash_failover_ms", round(took * 1000, 1))
         print(f"crash fail-over: {took * 1000:.1f} ms")
-        # TTL 2 s + retry 0.5 s, + etcd's 0.5 s expiry sweep, + slack for this shared 2-core box.
-        assert took <= 2.0 + 0.5 + 0.5 + 1.0
+        # The last keep-alive was at most RP before the kill, so the key goes by kill + TTL +
+        # sweep; the watch wakes a follower at once (RP more if it had to poll instead).
+        cfg = make_cfg("x", [etcd_server.url], prefix).election
+        bound = lease_ttl(cfg.lease_duration) + cfg.retry_period + ETCD_EXPIRY_SWEEP + LOADED_MACHINE_MARGIN
+        assert took <= bound, f"crash fail-over {took:.3f}s > {bound:.2f}s"
         # graceful stop of the new leader (real SIGTERM): hand-over through the watch
         t_term = nxt[0].terminate()
         again = first_leader(procs, t_term, 10, exclude=nxt[0])
         assert again is not None
-        record_property("sigterm_handover_ms", round((again[1] - t_term) * 1000, 1))
+        handover = again[1] - t_term
+        record_property("sigterm_handover_ms", round(handover * 1000, 1))
+        print(f"SIGTERM hand-over: {handover * 1000:.1f} ms")
+        # Across processes: the signal, the stopping process's wake-up and the follower's
+        # report each need a scheduling slice.
+        assert handover <= GRACEFUL_HANDOVER + LOADED_MACHINE_MARGIN, f"SIGTERM hand-over {handover:.3f}s"
         assert_never_two_leaders(procs)
     finally:
         for p in procs:
