@@ -24,7 +24,7 @@ from tests.election_fixtures import (
     start_all,
     wait_for,
 )
-from tests.etcd_fixtures import EtcdServer, etcd_server  # noqa: F401 (fixture)
+from tests.etcd_fixtures import EtcdServer, TcpRelay, etcd_server, etcd_tls_server  # noqa: F401 (fixtures)
 from vipd import config as config_mod
 from vipd.election.backend import BackendUnavailable, LeaseConflict
 from vipd.election.etcd import EtcdLeaseBackend, lease_ttl
@@ -114,6 +114,63 @@ async def test_failover_to_second_endpoint(etcd_server):  # noqa: F811
         assert await backend.observe(trio.current_time() + 2) is None
         assert backend.endpoints[backend._current] == etcd_server.url
         await backend.aclose()
+
+
+async def test_election_over_tls_with_client_certificates(etcd_tls_server):  # noqa: F811
+    """kubeadm's stacked etcd: HTTPS, client certificate required (--client-cert-auth)."""
+    server = etcd_tls_server
+    prefix, board = fresh_prefix(), Board()
+    tls = {"election.etcd.ca": server.ca, "election.etcd.cert": server.client_cert,
+           "election.etcd.key": server.client_key}
+    cfgs = [make_cfg(f"n{i}", [server.url], prefix, **tls) for i in range(2)]
+    electors = [ElectorHarness(c.node, c, EtcdLeaseBackend(c), vip_gone=True, board=board) for c in cfgs]
+    with trio.fail_after(30):
+        anonymous = EtcdLeaseBackend(make_cfg("x", [server.url], prefix, **{"election.etcd.ca": server.ca}))
+        with pytest.raises(BackendUnavailable):  # the server really demands a client certificate
+            await anonymous.observe(trio.current_time() + 2)
+        await anonymous.aclose()
+        async with trio.open_nursery() as n:
+            await start_all(n, electors)
+            assert all(c == 1 for c in await sample(electors, 1.0))
+            (leader,) = [e for e in electors if e.leader]
+            leader.scope.cancel()  # graceful: revoke over TLS, the other one's watch fires
+            await wait_for(electors, lambda: any(e.leader for e in electors if e is not leader))
+            n.cancel_scope.cancel()
+    assert_spans_disjoint(leader_spans(electors))
+
+
+@pytest.mark.parametrize("fault", ["die", "hang"])
+async def test_first_endpoint_fails_while_leading(etcd_server, fault):  # noqa: F811
+    """Endpoints [relay → etcd, etcd]: the relay dies (connections closed, then refused) or
+    hangs (accepts, never answers) while its clients lead and follow through it. The backend
+    fails over to the second endpoint; never two leaders; a leader again on the second one."""
+    prefix, board = fresh_prefix(), Board()
+    relay = TcpRelay(int(etcd_server.url.rsplit(":", 1)[1]))
+    with trio.fail_after(40):
+        async with trio.open_nursery() as n:
+            await n.start(relay.run)
+            cfgs = [make_cfg(f"n{i}", [relay.url, etcd_server.url], prefix) for i in range(3)]
+            electors = [ElectorHarness(c.node, c, EtcdLeaseBackend(c), vip_gone=True, board=board)
+                        for c in cfgs]
+            await start_all(n, electors)
+            counts = await sample(electors, 1.0)
+            (leader,) = [e for e in electors if e.leader]
+            assert leader.backend._current == 0  # leading through the relay
+            t_fault = trio.current_time()
+            relay.die() if fault == "die" else relay.hang()
+            # Two renew deadlines: a hung request costs at most one, then the next endpoint.
+            counts += await sample(electors, 2 * leader.cfg.election.renew_deadline)
+            assert counts.count(0) < len(counts) and max(counts) <= 1
+            leaders = [e for e in electors if e.leader]
+            assert len(leaders) == 1 and leaders[0].backend._current == 1
+            if fault == "die":  # refused/closed → the same call retries on the next endpoint
+                assert all(ev.leader for t, ev in leader.events if t >= t_fault)
+            for e in electors:
+                e.scope.cancel()
+            for e in electors:
+                await e.done.wait()
+            n.cancel_scope.cancel()
+    assert_spans_disjoint(leader_spans(electors))
 
 
 async def test_three_electors_one_leader_and_graceful_handover(etcd_server, record_property):  # noqa: F811

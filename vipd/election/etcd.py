@@ -24,7 +24,9 @@ renew_deadline / lease_duration; only a lease granted inside this very request i
 TTL ≥ lease_duration from then. The replaced lease then holds nothing and runs out by itself
 (not revoked: that would cost the take-over a round trip).
 TLS (CA, client certificate/key), username/password auth (token per endpoint, re-fetched
-when rejected) and failover between several endpoints.
+when rejected) and failover between several endpoints: a refused or closed connection tries the
+next endpoint within the same call; an endpoint that never answers fails that call at its
+deadline and the next call starts at the next endpoint.
 
 Must never: log or put into an error message the password or the auth token; let an httpx or
 JSON error escape untranslated; block past a call's deadline.
@@ -135,6 +137,10 @@ class EtcdLeaseBackend:
         n, first = len(self.endpoints), self._current
         for i in range(n):
             idx = (first + i) % n
+            # Until this endpoint answers, the next call goes to the next one: a hung endpoint
+            # ends this call by a cancellation (the caller's deadline scope is usually the one
+            # that fires, so no handler here would run), and must not take the next call too.
+            self._current = (idx + 1) % n
             try:
                 with trio.fail_at(deadline):
                     for attempt in (1, 2):
@@ -148,16 +154,16 @@ class EtcdLeaseBackend:
                         self._current = idx
                         return data
             except trio.TooSlowError as exc:
-                self._current = (idx + 1) % n  # a hung endpoint: the next call tries another
                 raise BackendUnavailable(f"etcd {self.endpoints[idx]}{path}: no answer by the deadline") from exc
             except httpx.TransportError as exc:
                 last = f"etcd {self.endpoints[idx]}{path}: {type(exc).__name__}: {exc}"
                 self._tokens.pop(idx, None)
-                self._current = (idx + 1) % n
                 continue
             except httpx.HTTPError as exc:
+                self._current = idx  # it answered
                 raise BackendUnavailable(f"etcd {self.endpoints[idx]}{path}: {type(exc).__name__}: {exc}") from exc
             except _EtcdError as exc:
+                self._current = idx  # it answered
                 forbidden = exc.code in (_PERMISSION_DENIED, _UNAUTHENTICATED) or exc.status in (401, 403)
                 if exc.code == _NOT_FOUND and "lease" in str(exc):
                     self.lease_id = None
