@@ -400,3 +400,44 @@ async def test_renew_applied_but_answered_late_does_not_flap(fake_apiserver: Fak
             spec = fake_apiserver.lease(NS, NAME)["spec"]
             assert (spec["holderIdentity"], spec["leaseTransitions"]) == ("node-a", term)
             nursery.cancel_scope.cancel()
+
+
+# Transit of the answer that showed the last change and of the take-over PUT, plus scheduling on
+# this shared 2-core machine; both only ever make the measured gap longer than the rule's LD.
+ROUND_TRIPS_ALLOWANCE = 0.25
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("skew_hours", [-1, 1])
+async def test_takeover_lease_duration_after_last_seen_change_whatever_the_skew(
+        fake_apiserver: FakeApiServer, skew_hours: int) -> None:
+    """node-b (written out of band) renews the Lease every RP with its wall clock an hour off,
+    then dies. node-a takes over exactly lease_duration after it last saw the record change, by
+    its own monotonic clock. A follower that compared renewTime with its own wall clock would
+    take over at once (-1 h) or only after an hour (+1 h)."""
+
+    def holder_renews() -> str:
+        stamp = micro_time(dt.datetime.now(dt.UTC) + dt.timedelta(hours=skew_hours))
+        obj = fake_apiserver.set_lease(NS, NAME, holder="node-b", lease_duration_seconds=2,
+                                       lease_transitions=0, acquire_time=stamp, renew_time=stamp)
+        return obj["metadata"]["resourceVersion"]
+
+    holder_renews()
+    with trio.fail_after(30):
+        async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+            a = kube_elector(fake_apiserver, "node-a", Board())
+            await nursery.start(a.run)
+            rp = a.cfg.election.retry_period
+            for _ in range(6):  # node-b alive for 3 s: node-a must not take over meanwhile
+                await trio.sleep(rp)
+                last = holder_renews()
+                assert not a.leader
+            await wait_for([a], lambda: a.leader)  # node-b has died
+            nursery.cancel_scope.cancel()
+    # The timeline on the fake's clock (time.monotonic): when node-a was first shown node-b's
+    # last write, and when node-a's take-over arrived.
+    answers = fake_apiserver.lease_answers
+    seen = min(x.at for x in answers if x.method == "GET" and x.version == last)
+    took = min(x.at for x in answers if x.method == "PUT" and x.status == 200 and x.holder == "node-a")
+    ld = a.cfg.election.lease_duration
+    assert ld <= took - seen <= ld + ROUND_TRIPS_ALLOWANCE, f"took over {took - seen:.3f}s after the last change"
