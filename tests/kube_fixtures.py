@@ -19,6 +19,7 @@ HTTPS, and it enforces what the real server enforces (so a client bug fails here
 Fault modes (``fake.mode = ...``, default "ok"): "forbidden" (403 on every resource call,
 like admin.conf before kubeadm ≥ 1.29 has bound its RBAC), "fail" (500), "hang" (the request
 is read and never answered; leaving hang mode releases the hung requests with a 503).
+``answer_lease_write_late(seconds)``: the next Lease write is applied at once and answered late.
 
 It runs aiohttp in its own thread with its own asyncio loop, so it is isolated from the trio
 test (and from trio-asyncio's loop). Every test-side method is synchronous and thread-safe:
@@ -37,6 +38,8 @@ Usage::
         fake.set_node("cp1", "10.0.0.1", control_plane=True)
         fake.mode = "hang"
         fake.requests                               # [Request(method, path, query), ...]
+        fake.lease_answers                          # [LeaseAnswer(at, method, status, ...)]
+        fake.answer_lease_write_late(1.5)           # next Lease write: applied, answered 1.5 s late
 
 A fake is a fake: it implements only what vipd uses; it does not do RBAC per verb, field
 selectors, server-side apply, or real etcd compaction timing.
@@ -52,6 +55,7 @@ import re
 import socket
 import ssl
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -74,6 +78,17 @@ class Request(NamedTuple):
     method: str
     path: str
     query: dict[str, str]
+
+
+class LeaseAnswer(NamedTuple):
+    """One Lease request the fake handled: when (``time.monotonic()`` as the answer was ready;
+    a late write is sent later), the status, and the Lease in the answer (version, holder)."""
+
+    at: float
+    method: str
+    status: int
+    version: str | None
+    holder: str | None
 
 
 def is_watch(query: Any) -> bool:
@@ -122,6 +137,8 @@ class FakeApiServer:
         self._kubeconfig_server = kubeconfig_server
         self._mode = "ok"  # ok | forbidden | fail | hang
         self.requests: list[Request] = []
+        self.lease_answers: list[LeaseAnswer] = []
+        self._late_writes: list[float] = []  # delays for the next Lease writes' answers
         self.port = 0
         self.kubeconfig = ""
         self.ca_path = self.directory / "fake-ca.crt"
@@ -280,6 +297,11 @@ class FakeApiServer:
 
         return self._call(do)
 
+    def answer_lease_write_late(self, seconds: float) -> None:
+        """The next Lease write (PUT/POST/PATCH) is applied at once but answered ``seconds``
+        later: a client whose deadline passes meanwhile never learns the new resourceVersion."""
+        self._call(lambda: self._late_writes.append(seconds))
+
     def delete_lease(self, namespace: str, name: str) -> None:
         self._call(lambda: self._leases.pop((namespace, name), None))
 
@@ -422,7 +444,11 @@ class FakeApiServer:
         path = request.path.rstrip("/")
         m = re.fullmatch(r"/apis/coordination\.k8s\.io/v1/namespaces/([^/]+)/leases(?:/([^/]+))?", path)
         if m:
-            return await self._lease(request, m.group(1), m.group(2))
+            resp = await self._lease(request, m.group(1), m.group(2))
+            self._note_lease_answer(request.method, resp)
+            if request.method in ("PUT", "POST", "PATCH") and resp.status < 300 and self._late_writes:
+                await asyncio.sleep(self._late_writes.pop(0))
+            return resp
         m = re.fullmatch(r"/apis/discovery\.k8s\.io/v1/namespaces/([^/]+)/endpointslices", path)
         if m and request.method == "GET":
             if is_watch(request.query):
@@ -438,6 +464,16 @@ class FakeApiServer:
         return _status(404, "NotFound", f"the server could not find the requested resource ({path})")
 
     # leases
+
+    def _note_lease_answer(self, method: str, resp: web.Response) -> None:
+        try:
+            obj = json.loads(resp.body) if isinstance(resp.body, bytes) else {}
+        except ValueError:
+            obj = {}
+        meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+        spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
+        self.lease_answers.append(LeaseAnswer(time.monotonic(), method, resp.status,
+                                              meta.get("resourceVersion"), spec.get("holderIdentity")))
 
     def _validate_lease(self, body: dict[str, Any]) -> web.Response | None:
         spec = body.get("spec") or {}

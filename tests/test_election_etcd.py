@@ -15,13 +15,32 @@ import pytest
 import trio
 
 from bench.election_timing import ElectorProc, assert_never_two_leaders, first_leader
-from tests.election_fixtures import ElectorHarness, sample_leaders, start_all, until
-from tests.etcd_fixtures import EtcdServer, etcd_server  # noqa: F401 (fixture)
+from tests.election_fixtures import (
+    Board,
+    ElectorHarness,
+    assert_spans_disjoint,
+    leader_spans,
+    sample_leaders,
+    start_all,
+    wait_for,
+)
+from tests.etcd_fixtures import EtcdServer, TcpRelay, etcd_server, etcd_tls_server  # noqa: F401 (fixtures)
 from vipd import config as config_mod
-from vipd.election.backend import LeaseConflict
+from vipd.election.backend import BackendUnavailable, LeaseConflict
 from vipd.election.etcd import EtcdLeaseBackend, lease_ttl
 
 pytestmark = pytest.mark.etcd
+
+
+# Bounds from the issue, derived from the configured timers (defaults LD 2 s, RD 1.5 s, RP 0.5 s,
+# so TTL = 2 s), plus two named allowances:
+GRACEFUL_HANDOVER = 0.2  # the issue's bound: release → watch → take-over, far below RP (no poll)
+ETCD_EXPIRY_SWEEP = 0.5  # etcd 3.4 revokes expired leases in a 500 ms loop: a key outlives its TTL by ≤ 0.5 s
+# This 2-core machine is shared with other test runs: the take-over's read + grant + txn and the
+# elector process's report can each wait a scheduling slice. 0.25 s, about 3x the slowest
+# graceful hand-over measured here (72 ms), is the allowance; a real regression (missing the
+# watch and waiting for a poll, or counting from the wrong instant) costs more.
+LOADED_MACHINE_MARGIN = 0.25
 
 
 def make_cfg(node: str, endpoints: list[str], prefix: str, **flags: Any) -> config_mod.Config:
@@ -37,13 +56,13 @@ def fresh_prefix() -> str:
 
 
 def electors_for(server: EtcdServer, count: int = 3) -> list[ElectorHarness]:
-    prefix = fresh_prefix()
+    prefix, board = fresh_prefix(), Board()
     cfgs = [make_cfg(f"n{i}", [server.url], prefix) for i in range(count)]
-    return [ElectorHarness(c.node, c, EtcdLeaseBackend(c), vip_gone=True) for c in cfgs]
+    return [ElectorHarness(c.node, c, EtcdLeaseBackend(c), vip_gone=True, board=board) for c in cfgs]
 
 
-async def sample(electors: list[ElectorHarness], duration: float) -> list[int]:
-    return [len(who) for who in await sample_leaders(electors, duration)]
+async def sample(electors: list[ElectorHarness], duration: float, step: float = 0.01) -> list[int]:
+    return [len(who) for who in await sample_leaders(electors, duration, step)]
 
 
 async def test_backend_calls_against_real_etcd(etcd_server):  # noqa: F811
@@ -97,6 +116,63 @@ async def test_failover_to_second_endpoint(etcd_server):  # noqa: F811
         await backend.aclose()
 
 
+async def test_election_over_tls_with_client_certificates(etcd_tls_server):  # noqa: F811
+    """kubeadm's stacked etcd: HTTPS, client certificate required (--client-cert-auth)."""
+    server = etcd_tls_server
+    prefix, board = fresh_prefix(), Board()
+    tls = {"election.etcd.ca": server.ca, "election.etcd.cert": server.client_cert,
+           "election.etcd.key": server.client_key}
+    cfgs = [make_cfg(f"n{i}", [server.url], prefix, **tls) for i in range(2)]
+    electors = [ElectorHarness(c.node, c, EtcdLeaseBackend(c), vip_gone=True, board=board) for c in cfgs]
+    with trio.fail_after(30):
+        anonymous = EtcdLeaseBackend(make_cfg("x", [server.url], prefix, **{"election.etcd.ca": server.ca}))
+        with pytest.raises(BackendUnavailable):  # the server really demands a client certificate
+            await anonymous.observe(trio.current_time() + 2)
+        await anonymous.aclose()
+        async with trio.open_nursery() as n:
+            await start_all(n, electors)
+            assert all(c == 1 for c in await sample(electors, 1.0))
+            (leader,) = [e for e in electors if e.leader]
+            leader.scope.cancel()  # graceful: revoke over TLS, the other one's watch fires
+            await wait_for(electors, lambda: any(e.leader for e in electors if e is not leader))
+            n.cancel_scope.cancel()
+    assert_spans_disjoint(leader_spans(electors))
+
+
+@pytest.mark.parametrize("fault", ["die", "hang"])
+async def test_first_endpoint_fails_while_leading(etcd_server, fault):  # noqa: F811
+    """Endpoints [relay → etcd, etcd]: the relay dies (connections closed, then refused) or
+    hangs (accepts, never answers) while its clients lead and follow through it. The backend
+    fails over to the second endpoint; never two leaders; a leader again on the second one."""
+    prefix, board = fresh_prefix(), Board()
+    relay = TcpRelay(int(etcd_server.url.rsplit(":", 1)[1]))
+    with trio.fail_after(40):
+        async with trio.open_nursery() as n:
+            await n.start(relay.run)
+            cfgs = [make_cfg(f"n{i}", [relay.url, etcd_server.url], prefix) for i in range(3)]
+            electors = [ElectorHarness(c.node, c, EtcdLeaseBackend(c), vip_gone=True, board=board)
+                        for c in cfgs]
+            await start_all(n, electors)
+            counts = await sample(electors, 1.0)
+            (leader,) = [e for e in electors if e.leader]
+            assert leader.backend._current == 0  # leading through the relay
+            t_fault = trio.current_time()
+            relay.die() if fault == "die" else relay.hang()
+            # Two renew deadlines: a hung request costs at most one, then the next endpoint.
+            counts += await sample(electors, 2 * leader.cfg.election.renew_deadline)
+            assert counts.count(0) < len(counts) and max(counts) <= 1
+            leaders = [e for e in electors if e.leader]
+            assert len(leaders) == 1 and leaders[0].backend._current == 1
+            if fault == "die":  # refused/closed → the same call retries on the next endpoint
+                assert all(ev.leader for t, ev in leader.events if t >= t_fault)
+            for e in electors:
+                e.scope.cancel()
+            for e in electors:
+                await e.done.wait()
+            n.cancel_scope.cancel()
+    assert_spans_disjoint(leader_spans(electors))
+
+
 async def test_three_electors_one_leader_and_graceful_handover(etcd_server, record_property):  # noqa: F811
     electors = electors_for(etcd_server)
     with trio.fail_after(30):
@@ -107,11 +183,12 @@ async def test_three_electors_one_leader_and_graceful_handover(etcd_server, reco
             (leader,) = [e for e in electors if e.leader]
             t_stop = trio.current_time()
             leader.scope.cancel()
-            await until(lambda: any(e.leader for e in electors if e is not leader), step=0.001)
+            await wait_for(electors, lambda: any(e.leader for e in electors if e is not leader))
             handover = trio.current_time() - t_stop
             record_property("graceful_handover_ms", round(handover * 1000, 1))
             print(f"graceful hand-over: {handover * 1000:.1f} ms")
-            assert handover <= 0.5  # within one retry period; typically tens of ms (watch)
+            # In-process, nothing but trio scheduling between the electors: the issue's bound.
+            assert handover <= GRACEFUL_HANDOVER
             counts = await sample(electors, 1.0)
             assert all(c == 1 for c in counts)
             n.cancel_scope.cancel()
@@ -126,9 +203,14 @@ async def test_etcd_restart_never_two_leaders(etcd_server):  # noqa: F811
             await trio.to_thread.run_sync(etcd_server.kill)
             counts += await sample(electors, 2.5)
             assert not any(e.leader for e in electors)  # renew deadline passed: everyone stepped down
-            restart = trio.to_thread.run_sync(etcd_server.start)
-            n.start_soon(lambda: restart)
-            while not etcd_server.running:
+            ready = trio.Event()
+
+            async def restart() -> None:
+                await trio.to_thread.run_sync(etcd_server.start)  # returns once /health is true
+                ready.set()
+
+            n.start_soon(restart)
+            while not ready.is_set():  # sample throughout the restart, until etcd serves again
                 counts.append(sum(e.leader for e in electors))
                 await trio.sleep(0.01)
             counts += await sample(electors, 5.0)
@@ -152,6 +234,48 @@ async def test_etcd_restart_never_two_leaders(etcd_server):  # noqa: F811
             assert e1 <= s2 and s2 >= f1
 
 
+class KeepaliveLoss(EtcdLeaseBackend):
+    """The real backend, except that while ``lose`` is set its keep-alives fail (a slow or
+    one-way-lossy path: reads, grants and transactions still get through)."""
+
+    lose = False
+
+    async def _post(self, path: str, body: dict[str, Any], deadline: float) -> dict[str, Any]:
+        if self.lose and path == "/v3/lease/keepalive":
+            raise BackendUnavailable("injected: keep-alive lost")
+        return await super()._post(path, body, deadline)
+
+
+async def test_keepalive_loss_retake_never_two_leaders(etcd_server):  # noqa: F811
+    """Regression: a leader whose keep-alives fail steps down at the renew deadline, sees its
+    own key and takes it again. Reusing its old lease (whose TTL it could not extend) made it
+    publish safe_until/fence_until past the key's real expiry, and the other node took the
+    expired key while it still led. Now every acquire puts the key on a fresh lease."""
+    prefix = fresh_prefix()
+    ca, cb = make_cfg("a", [etcd_server.url], prefix), make_cfg("b", [etcd_server.url], prefix)
+    board = Board()
+    a = ElectorHarness("a", ca, KeepaliveLoss(ca), vip_gone=True, board=board)
+    b = ElectorHarness("b", cb, EtcdLeaseBackend(cb), vip_gone=True, board=board)
+    rd = ca.election.renew_deadline
+    with trio.fail_after(40):
+        async with trio.open_nursery() as n:
+            await n.start(a.run)
+            await wait_for([a], lambda: a.leader)
+            await n.start(b.run)
+            await sample(electors := [a, b], 1.0)
+            t_loss = trio.current_time()
+            a.backend.lose = True
+            # Two renew deadlines and a TTL with etcd's sweep: the old lease would have expired
+            # under a retaken leadership by then.
+            counts = await sample(electors, 2 * rd + a.backend.ttl + 0.5, step=0.005)
+            n.cancel_scope.cancel()
+    assert max(counts) <= 1
+    assert_spans_disjoint(leader_spans(electors))
+    lost = [t for t, ev in a.events if t > t_loss and not ev.leader and ev.reason == "renew_deadline"]
+    retook = [t for t, ev in a.events if lost and t > lost[0] and ev.leader and ev.reason == "acquired"]
+    assert lost and retook, "the scenario did not happen: a never stepped down and retook its key"
+
+
 def test_sigkilled_leader_replaced_within_ttl_plus_retry(etcd_server, record_property):  # noqa: F811
     prefix = fresh_prefix()
     procs = [ElectorProc(etcd_server.url, f"n{i}", prefix=prefix) for i in range(3)]
@@ -166,13 +290,21 @@ def test_sigkilled_leader_replaced_within_ttl_plus_retry(etcd_server, record_pro
         took = nxt[1] - leader.killed_at
         record_property("crash_failover_ms", round(took * 1000, 1))
         print(f"crash fail-over: {took * 1000:.1f} ms")
-        # TTL 2 s + retry 0.5 s, + etcd's 0.5 s expiry sweep, + slack for this shared 2-core box.
-        assert took <= 2.0 + 0.5 + 0.5 + 1.0
+        # The last keep-alive was at most RP before the kill, so the key goes by kill + TTL +
+        # sweep; the watch wakes a follower at once (RP more if it had to poll instead).
+        cfg = make_cfg("x", [etcd_server.url], prefix).election
+        bound = lease_ttl(cfg.lease_duration) + cfg.retry_period + ETCD_EXPIRY_SWEEP + LOADED_MACHINE_MARGIN
+        assert took <= bound, f"crash fail-over {took:.3f}s > {bound:.2f}s"
         # graceful stop of the new leader (real SIGTERM): hand-over through the watch
         t_term = nxt[0].terminate()
         again = first_leader(procs, t_term, 10, exclude=nxt[0])
         assert again is not None
-        record_property("sigterm_handover_ms", round((again[1] - t_term) * 1000, 1))
+        handover = again[1] - t_term
+        record_property("sigterm_handover_ms", round(handover * 1000, 1))
+        print(f"SIGTERM hand-over: {handover * 1000:.1f} ms")
+        # Across processes: the signal, the stopping process's wake-up and the follower's
+        # report each need a scheduling slice.
+        assert handover <= GRACEFUL_HANDOVER + LOADED_MACHINE_MARGIN, f"SIGTERM hand-over {handover:.3f}s"
         assert_never_two_leaders(procs)
     finally:
         for p in procs:

@@ -14,6 +14,13 @@ import trio
 import trio_asyncio
 from kube_fixtures import MICROTIME_RE, FakeApiServer, kube_config
 
+from tests.election_fixtures import (
+    Board,
+    ElectorHarness,
+    assert_spans_disjoint,
+    leader_spans,
+    wait_for,
+)
 from vipd.election.backend import BackendUnavailable, LeaseConflict, LeaseRecord
 from vipd.election.kube import KubeLeaseBackend, micro_time, record_from_lease
 
@@ -248,95 +255,42 @@ async def test_api_server_override_keeps_kubeconfig_credentials(tmp_path: Any) -
 # ---------------------------------------------------------------------------------------------
 
 
-class Elector:
-    """One node: run_election with its own KubeLeaseBackend; records its Leadership events."""
-
-    def __init__(self, fake: FakeApiServer, node: str, **flags: Any):
-        from vipd.events import Fanout
-        from vipd.state import RuntimeState
-
-        self.node = node
-        self.cfg = kube_config(fake, node=node, **flags)
-        self.backend = KubeLeaseBackend(self.cfg)
-        self.fanout = Fanout()
-        self.state = RuntimeState(node=node)
-        self.gate = trio.Event()
-        self.gate.set()  # no VIP to remove first: release as soon as stopped
-        self.events: list[tuple[float, bool]] = []
-        self.leader = False
-        self.scope: trio.CancelScope | None = None
-        self.done = trio.Event()
-
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        from vipd.election.runner import run_election
-
-        recv = self.fanout.subscribe(buffer=1000)
-        try:
-            async with trio.open_nursery() as outer:
-                outer.start_soon(self._follow, recv)
-                async with trio.open_nursery() as election:  # stop() cancels just this
-                    self.scope = election.cancel_scope
-                    await election.start(run_election, self.cfg, self.backend, self.fanout,
-                                         self.state, self.gate)
-                    task_status.started()
-                await self.fanout.aclose()  # the election has ended: _follow drains and ends
-        finally:
-            await self.backend.aclose()
-            self.done.set()
-
-    async def _follow(self, recv: Any) -> None:
-        async for ev in recv:
-            if ev.leader != self.leader:
-                self.leader = ev.leader
-                self.events.append((trio.current_time(), ev.leader))
+def kube_elector(fake: FakeApiServer, node: str, board: Board, **flags: Any) -> ElectorHarness:
+    """One node: run_election with its own KubeLeaseBackend (run it inside a trio-asyncio loop);
+    no VIP to remove first, so it releases as soon as it is stopped."""
+    cfg = kube_config(fake, node=node, **flags)
+    return ElectorHarness(node, cfg, KubeLeaseBackend(cfg), vip_gone=True, board=board)
 
 
-def leader_intervals(electors: list[Elector], end: float) -> list[tuple[float, float, str]]:
-    spans = []
-    for e in electors:
-        start = None
-        for t, lead in e.events:
-            if lead and start is None:
-                start = t
-            elif not lead and start is not None:
-                spans.append((start, t, e.node))
-                start = None
-        if start is not None:
-            spans.append((start, end, e.node))
-    return sorted(spans)
+async def wait_leader(electors: list[ElectorHarness], exclude: ElectorHarness | None = None) -> ElectorHarness:
+    def one() -> bool:
+        return len([e for e in electors if e.leader and e is not exclude]) == 1
 
-
-def assert_never_two(electors: list[Elector]) -> None:
-    spans = leader_intervals(electors, trio.current_time())
-    for i, (s1, e1, n1) in enumerate(spans):
-        for s2, e2, n2 in spans[i + 1:]:
-            assert n1 == n2 or min(e1, e2) <= max(s1, s2), \
-                f"{n1} led {s1:.3f}-{e1:.3f} and {n2} led {s2:.3f}-{e2:.3f}"
-
-
-async def wait_leader(electors: list[Elector], exclude: Elector | None = None) -> Elector:
-    while True:
-        leaders = [e for e in electors if e.leader and e is not exclude]
-        if len(leaders) == 1:
-            return leaders[0]
-        await trio.sleep(0.01)  # noqa: ASYNC110 - polling three nodes' flags
+    await wait_for(electors, one)
+    (leader,) = [e for e in electors if e.leader and e is not exclude]
+    return leader
 
 
 @contextlib.asynccontextmanager
-async def three_electors(fake: FakeApiServer) -> AsyncIterator[list[Elector]]:
+async def three_electors(fake: FakeApiServer) -> AsyncIterator[list[ElectorHarness]]:
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
-        electors = [Elector(fake, f"node-{c}") for c in "abc"]
+        board = Board()
+        electors = [kube_elector(fake, f"node-{c}", board) for c in "abc"]
         for e in electors:
             await nursery.start(e.run)
         yield electors
         nursery.cancel_scope.cancel()
 
 
-async def exactly_one_leader_while(electors: list[Elector], seconds: float) -> None:
+async def exactly_one_leader_while(electors: list[ElectorHarness], seconds: float) -> None:
     """Sample every 50 ms: exactly one leader at every instant."""
     for _ in range(int(seconds / 0.05)):
         assert sum(e.leader for e in electors) == 1, [(e.node, e.leader) for e in electors]
         await trio.sleep(0.05)
+
+
+def assert_never_two(electors: list[ElectorHarness]) -> None:
+    assert_spans_disjoint(leader_spans(electors))
 
 
 @pytest.mark.slow
@@ -368,9 +322,8 @@ async def test_hung_apiserver_leader_steps_down_by_renew_deadline(fake_apiserver
             await trio.sleep(1.0)  # a few renewals
             hung_at = trio.current_time()
             fake_apiserver.mode = "hang"
-            while leader.leader:  # noqa: ASYNC110 - the elector's flag
-                await trio.sleep(0.01)
-            stepped_down = leader.events[-1][0]
+            await wait_for(electors, lambda: not leader.leader)
+            stepped_down = min(t for t, ev in leader.events if t >= hung_at and not ev.leader)
             rd = leader.cfg.election.renew_deadline
             # the last successful renew started before hung_at, so the deadline is < hung_at + RD
             assert stepped_down <= hung_at + rd + 0.25, f"stepped down {stepped_down - hung_at:.2f}s after the hang"
@@ -382,9 +335,9 @@ async def test_hung_apiserver_leader_steps_down_by_renew_deadline(fake_apiserver
             assert_never_two(electors)
 
 
-async def start_bootstrap_leader(nursery: trio.Nursery, fake: FakeApiServer) -> Elector:
+async def start_bootstrap_leader(nursery: trio.Nursery, fake: FakeApiServer) -> ElectorHarness:
     """node-a with start_as_leader (the first node during kubeadm init), once it leads."""
-    elector = Elector(fake, "node-a", **{"election.start_as_leader": True})
+    elector = kube_elector(fake, "node-a", Board(), **{"election.start_as_leader": True})
     await nursery.start(elector.run)
     await wait_leader([elector])
     return elector
@@ -399,10 +352,9 @@ async def test_bootstrap_leads_while_forbidden_then_takes_the_lease(fake_apiserv
             first = await start_bootstrap_leader(nursery, fake_apiserver)
             assert fake_apiserver.lease(NS, NAME) is None  # leading without a lease
             fake_apiserver.mode = "ok"  # kubeadm bound kubeadm:cluster-admins
-            while fake_apiserver.lease(NS, NAME) is None:  # noqa: ASYNC110 - the fake's state
-                await trio.sleep(0.02)
+            await wait_for([first], lambda: any(ev.reason == "acquired" for _, ev in first.events))
             assert fake_apiserver.lease(NS, NAME)["spec"]["holderIdentity"] == "node-a"
-            assert first.leader and len(first.events) == 1  # never stepped down in between
+            assert first.leader and all(ev.leader for _, ev in first.events)  # never stepped down
             nursery.cancel_scope.cancel()
 
 
@@ -415,7 +367,77 @@ async def test_bootstrap_yields_to_a_lease_held_by_another_node(fake_apiserver: 
         async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
             late = await start_bootstrap_leader(nursery, fake_apiserver)
             fake_apiserver.mode = "ok"
-            while late.leader:  # noqa: ASYNC110 - the elector's flag
-                await trio.sleep(0.02)
+            await wait_for([late], lambda: not late.leader)
+            assert [ev.reason for _, ev in late.events][-1] == "bootstrap_yield"
             assert fake_apiserver.lease(NS, NAME)["spec"]["holderIdentity"] == "node-b"
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.slow
+async def test_renew_applied_but_answered_late_does_not_flap(fake_apiserver: FakeApiServer) -> None:
+    """The apiserver applies a renew but answers after the request deadline: the leader keeps a
+    stale resourceVersion and its next renew gets 409. It re-reads at once, finds its own name
+    (only it writes that) and renews with the fresh version: no step-down, no VIP flap."""
+    # LD 4 s / RD 3 s: request timeout max(RP, RD/2) = 1.5 s, and after the 409 the re-read and
+    # the renew still have ~1 s before the renew deadline even on this loaded 2-core machine.
+    timing = {"election.lease_duration": "4s", "election.renew_deadline": "3s",
+              "election.retry_period": "0.5s"}
+    with trio.fail_after(30):
+        async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+            a = kube_elector(fake_apiserver, "node-a", Board(), **timing)
+            await nursery.start(a.run)
+            await wait_for([a], lambda: sum(ev.reason == "renewed" for _, ev in a.events) >= 2)
+            term = fake_apiserver.lease(NS, NAME)["spec"]["leaseTransitions"]
+            armed, answers_before = trio.current_time(), len(fake_apiserver.lease_answers)
+            fake_apiserver.answer_lease_write_late(2.0)  # later than any request deadline
+            # next renew (≤ RP) + its timeout (1.5 s) + 409 + re-read + renew, then some more
+            await trio.sleep(0.5 + 1.5 + 2.0)
+            answers = fake_apiserver.lease_answers[answers_before:]
+            assert any(x.status == 409 for x in answers), "the stale renew was never refused"
+            assert all(ev.leader for t, ev in a.events if t >= armed), \
+                [(round(t - armed, 3), ev.reason) for t, ev in a.events if t >= armed]
+            assert sum(ev.reason == "renewed" for t, ev in a.events if t > armed + 2.0) >= 2
+            spec = fake_apiserver.lease(NS, NAME)["spec"]
+            assert (spec["holderIdentity"], spec["leaseTransitions"]) == ("node-a", term)
+            nursery.cancel_scope.cancel()
+
+
+# Transit of the answer that showed the last change and of the take-over PUT, plus scheduling on
+# this shared 2-core machine; both only ever make the measured gap longer than the rule's LD.
+ROUND_TRIPS_ALLOWANCE = 0.25
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("skew_hours", [-1, 1])
+async def test_takeover_lease_duration_after_last_seen_change_whatever_the_skew(
+        fake_apiserver: FakeApiServer, skew_hours: int) -> None:
+    """node-b (written out of band) renews the Lease every RP with its wall clock an hour off,
+    then dies. node-a takes over exactly lease_duration after it last saw the record change, by
+    its own monotonic clock. A follower that compared renewTime with its own wall clock would
+    take over at once (-1 h) or only after an hour (+1 h)."""
+
+    def holder_renews() -> str:
+        stamp = micro_time(dt.datetime.now(dt.UTC) + dt.timedelta(hours=skew_hours))
+        obj = fake_apiserver.set_lease(NS, NAME, holder="node-b", lease_duration_seconds=2,
+                                       lease_transitions=0, acquire_time=stamp, renew_time=stamp)
+        return obj["metadata"]["resourceVersion"]
+
+    holder_renews()
+    with trio.fail_after(30):
+        async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+            a = kube_elector(fake_apiserver, "node-a", Board())
+            await nursery.start(a.run)
+            rp = a.cfg.election.retry_period
+            for _ in range(6):  # node-b alive for 3 s: node-a must not take over meanwhile
+                await trio.sleep(rp)
+                last = holder_renews()
+                assert not a.leader
+            await wait_for([a], lambda: a.leader)  # node-b has died
+            nursery.cancel_scope.cancel()
+    # The timeline on the fake's clock (time.monotonic): when node-a was first shown node-b's
+    # last write, and when node-a's take-over arrived.
+    answers = fake_apiserver.lease_answers
+    seen = min(x.at for x in answers if x.method == "GET" and x.version == last)
+    took = min(x.at for x in answers if x.method == "PUT" and x.status == 200 and x.holder == "node-a")
+    ld = a.cfg.election.lease_duration
+    assert ld <= took - seen <= ld + ROUND_TRIPS_ALLOWANCE, f"took over {took - seen:.3f}s after the last change"

@@ -1,5 +1,7 @@
-"""The sans-IO lease machine: table-driven decisions, take-over timing, and a generated-schedule
-simulation (hypothesis) that no two nodes ever lead at the same time."""
+"""The sans-IO lease machine: table-driven decisions, take-over timing, and a discrete-event
+simulation (several machines, one FakeLeaseStore with the server's rules) that no two nodes
+ever lead at the same time: on hypothesis-generated schedules (a sample of random latencies,
+losses and faults, not every interleaving) and on directed schedules for known hazards."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.election_fixtures import FakeLeaseStore
+from tests.election_fixtures import FakeLeaseStore, FakeSession
 from vipd.election.backend import LeaseConflict, LeaseRecord
 from vipd.election.machine import (
     Action,
@@ -153,11 +155,56 @@ def test_hung_renew_still_steps_down_by_renew_deadline():
     assert not m.leader
 
 
-def test_renew_conflict_steps_down_at_once():
+def refused_renew(at: float = 0.5) -> tuple[LeaseMachine, Decision]:
+    """A leader (acquired at 0) whose renew at ``at`` the server refused."""
     m = leader_at(0.0)
-    m.decide(0.5)
-    d = m.decide(0.51, Outcome(Result.CONFLICT, 0.5))
-    assert reasons(d) == ["conflict"] and d.changes[0].leader is False
+    assert m.decide(at).action is Action.RENEW
+    return m, m.decide(at + 0.01, Outcome(Result.CONFLICT, at))
+
+
+def test_refused_renew_rereads_at_once_still_leading():
+    m, d = refused_renew()
+    assert (d.action, d.why, reasons(d)) == (Action.OBSERVE, Why.VERIFY, [])
+    assert m.leader and d.deadline <= m.renew_by - T.margin
+
+
+def test_refused_renew_of_a_still_own_record_renews_with_the_fresh_version():
+    """A renew applied but answered late left ``held`` stale: no flap, no step-down."""
+    m, d = refused_renew()
+    fresh = LeaseRecord("n1", "v11", 4, 2.0)
+    d = m.decide(0.53, Outcome.ok(0.51, fresh))
+    assert (d.action, d.why, d.record, reasons(d)) == (Action.RENEW, Why.RENEW_DUE, fresh, [])
+    d = m.decide(0.55, Outcome.ok(0.53, LeaseRecord("n1", "v12", 4, 2.0)))
+    assert reasons(d) == ["renewed"] and d.changes[0].safe_until == pytest.approx(0.53 + T.renew_deadline)
+
+
+@pytest.mark.parametrize("after", [OTHER, None, LeaseRecord(None, "v12", 4)], ids=["other", "gone", "released"])
+def test_refused_renew_of_a_lost_record_steps_down_at_once(after):
+    m, d = refused_renew()
+    d = m.decide(0.53, Outcome.ok(0.51, after))
+    assert reasons(d)[0] == "conflict" and not m.leader and m.held is None
+
+
+def test_renew_refused_again_after_the_reread_steps_down():
+    m, d = refused_renew()
+    d = m.decide(0.53, Outcome.ok(0.51, LeaseRecord("n1", "v11", 4, 2.0)))
+    assert d.action is Action.RENEW
+    d = m.decide(0.54, Outcome(Result.CONFLICT, 0.53))
+    assert reasons(d) == ["conflict"] and not m.leader
+
+
+def test_refused_renew_with_backend_failing_steps_down_at_renew_deadline():
+    m, d = refused_renew()
+    now = d.at
+    while m.leader:
+        if d.action is not Action.WAIT:
+            assert d.deadline <= m.renew_by - T.margin
+            d = m.decide(now + 0.01, Outcome(Result.ERROR, now))
+            now += 0.01
+        else:
+            now = d.at
+            d = m.decide(now)
+    assert now == pytest.approx(T.renew_deadline) and reasons(d) == ["renew_deadline"]
 
 
 def test_follower_backoff_is_capped_and_jittered():
@@ -205,27 +252,22 @@ def test_no_acquire_while_renewals_are_observed():
     assert m.role is Role.FOLLOWER
 
 
-@pytest.mark.parametrize("skew", [-3600.0, 0.0, 3600.0])
-def test_takeover_exactly_lease_duration_after_last_observed_change(skew):
-    """The record's own timestamps (here 1 h off either way) play no part."""
-
-    @dataclass(frozen=True)
-    class KubeLikeRecord(LeaseRecord):
-        renew_time: float = 0.0  # the holder's wall clock, skewed
-
+def test_takeover_exactly_lease_duration_after_last_observed_change():
+    """Counted from the arrival of the answer that showed the last change. The record carries
+    no timestamps into the machine at all; the ±1 h skew of a Lease's renewTime is tested
+    against the Kubernetes backend (test_election_kube.py)."""
     m = LeaseMachine("n1", T)
     now = 100.0
     d = m.decide(now)
     last_change = None
     for version in range(1, 6):  # the holder renews five times, then dies
-        d = m.decide(now + 0.01, Outcome.ok(now, KubeLikeRecord("n2", str(version), 1, 2.0, now + skew)))
+        d = m.decide(now + 0.01, Outcome.ok(now, LeaseRecord("n2", str(version), 1, 2.0)))
         last_change = now + 0.01
         now += 0.5
         d = m.decide(now)
-    stale = KubeLikeRecord("n2", "5", 1, 2.0, 1e9 + skew)  # same version, garbage timestamp
     while d.action is not Action.ACQUIRE:
         if d.action is Action.OBSERVE:
-            d = m.decide(now, Outcome.ok(now, stale))
+            d = m.decide(now, Outcome.ok(now, LeaseRecord("n2", "5", 1, 2.0)))
             continue
         now = d.at
         d = m.decide(now)
@@ -267,14 +309,16 @@ class Sim:
     timing: Timing = T
     ttl: float | None = None  # etcd-style server expiry
     max_latency: float = 0.05
-    answer_delay: float | None = None  # n0's answers all take this long (a slow link)
+    answer_delay: float | None = None  # every renew's answer takes this long after it was applied
     drop: float = 0.0
+    reuse_lease: bool = False  # etcd style: the old, unsafe acquire (see FakeSession)
     now: float = 0.0
     queue: list = field(default_factory=list)
     seq: int = 0
 
     def __post_init__(self) -> None:
         self.store = FakeLeaseStore(ttl=self.ttl)
+        self.sessions = {n: FakeSession(self.store, n, reuse_lease=self.reuse_lease) for n in self.nodes}
         self.m = {n: LeaseMachine(n, self.timing, server_expires=self.ttl is not None,
                                   rng=random.Random(self.rnd.random())) for n in self.nodes}
         self.alive = {n: True for n in self.nodes}
@@ -282,7 +326,8 @@ class Sim:
         self.intervals: dict[str, list[list[float]]] = {n: [] for n in self.nodes}
         self.acquired: list[tuple[float, str]] = []
         self.stopped: set[str] = set()
-        self.partitioned: dict[str, float] = {}
+        self.partitioned: dict[str, float] = {}  # node → until: its requests and answers are lost
+        self.renews_lost: dict[str, float] = {}  # node → until: only its renew requests are lost
         for n in self.nodes:
             self.at(self.rnd.uniform(0, 0.3), self._step, n, None)
 
@@ -323,23 +368,24 @@ class Sim:
             return
         start, box = self.now, {}
         cut = self.now < self.partitioned.get(node, -math.inf)
-        lost = cut or self.rnd.random() < self.drop  # request never reaches the server
+        renew_cut = d.action is Action.RENEW and self.now < self.renews_lost.get(node, -math.inf)
+        lost = cut or renew_cut or self.rnd.random() < self.drop  # request never reaches the server
         unanswered = cut or self.rnd.random() < self.drop  # applied, but the answer is lost
         applied = start + self.rnd.uniform(0, self.max_latency)
-        slow = self.answer_delay if node == "n0" else None
+        slow = self.answer_delay if d.action is Action.RENEW else None
         answered = applied + (slow or self.rnd.uniform(0, self.max_latency))
 
         def apply() -> None:
-            s, t = self.store, self.now
+            s, t = self.sessions[node], self.now
             try:
                 if d.action is Action.OBSERVE:
                     box["out"] = Outcome.ok(start, s.read(t))
                 elif d.action is Action.ACQUIRE:
-                    box["out"] = Outcome.ok(start, s.acquire(node, d.record, t, self.timing.lease_duration))
+                    box["out"] = Outcome.ok(start, s.acquire(d.record, t, self.timing.lease_duration))
                 elif d.action is Action.RENEW:
-                    box["out"] = Outcome.ok(start, s.renew(node, d.record, t))
+                    box["out"] = Outcome.ok(start, s.renew(d.record, t))
                 else:
-                    s.release(node, d.record, t)
+                    s.release(d.record, t)
                     box["out"] = Outcome.ok(start)
             except LeaseConflict:
                 box["out"] = Outcome(Result.CONFLICT, start)
@@ -375,22 +421,31 @@ class Sim:
             assert r1 or s2 >= f1 - 1e-9, f"{n2} took over at {s2:.3f}, before {n1}'s fence {f1:.3f}"
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+GENERATED_SCHEDULES = 150
+
+
+@settings(max_examples=GENERATED_SCHEDULES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    rnd=st.randoms(use_true_random=False),
+    # A seed for a plain Random, not st.randoms(): hypothesis' own random draws cluster on simple
+    # values and never found the etcd lease-reuse bug (test_retake_between_renew_deadline_and_ttl)
+    # in 150 examples; seeded runs find it within the first few.
+    seed=st.integers(0, 2**32 - 1),
     n=st.integers(2, 4),
     etcd_style=st.booleans(),
     max_latency=st.sampled_from([0.001, 0.05, 0.4, 1.2]),
     drop=st.sampled_from([0.0, 0.05, 0.3]),
     answer_delay=st.sampled_from([None, None, 0.6]),
     faults=st.lists(st.tuples(st.floats(0.5, 18.0), st.sampled_from(["leader", "leader", 0, 1, 2, 3]),
-                              st.sampled_from(["crash", "stop", "partition", "partition"]),
+                              st.sampled_from(["crash", "stop", "partition", "partition", "renew_loss"]),
                               st.floats(0.2, 5.0)),
                     min_size=1, max_size=4),
 )
-def test_generated_schedules_never_have_two_leaders(rnd, n, etcd_style, max_latency, drop, answer_delay, faults):
+def test_generated_schedules_never_have_two_leaders(seed, n, etcd_style, max_latency, drop, answer_delay, faults):
+    """Samples GENERATED_SCHEDULES schedules (hypothesis; it is a sample, not an exhaustive
+    search of interleavings): 2-4 nodes, either backend kind, random request/answer latencies
+    and losses, and up to four faults (crash, graceful stop, partition, lost renewals only)."""
     nodes = [f"n{i}" for i in range(n)]
-    sim = Sim(rnd, nodes, ttl=2.0 if etcd_style else None, max_latency=max_latency, drop=drop,
+    sim = Sim(random.Random(seed), nodes, ttl=2.0 if etcd_style else None, max_latency=max_latency, drop=drop,
               answer_delay=answer_delay)
     for when, who, kind, length in sorted(faults, key=lambda f: f[0]):
         sim.run(when)
@@ -398,6 +453,8 @@ def test_generated_schedules_never_have_two_leaders(rnd, n, etcd_style, max_late
         node = (leaders or nodes)[0] if who == "leader" else nodes[who % n]
         if kind == "partition":  # this node's requests and answers are lost for a while
             sim.partitioned[node] = when + length
+        elif kind == "renew_loss":  # only its renewals (etcd keep-alives) are lost
+            sim.renews_lost[node] = when + length
         elif sim.alive[node] and sim.m[node].role is not Role.STOPPED:
             sim.crash(node) if kind == "crash" else sim.stop(node)
     sim.run(20.0)
@@ -441,3 +498,29 @@ def test_partitioned_leader_steps_down_before_takeover(seed, etcd_style):
     sim.run(12.0)
     assert [n for n, m in sim.m.items() if m.leader] != [leader]
     sim.assert_never_two_leaders()
+
+
+@pytest.mark.parametrize("etcd_style", [False, True])
+@pytest.mark.parametrize("reuse_lease", [False, True])
+def test_retake_between_renew_deadline_and_ttl(etcd_style, reuse_lease):
+    """The leader's renewals (etcd: keep-alives) are lost while its reads and writes get through:
+    it steps down at the renew deadline, sees its own record and takes it again before the old
+    lease runs out. Kubernetes: the retake is a write, followers count LD from it. etcd: only a
+    fresh lease is safe; the old unsafe acquire (``reuse_lease``) must make this test fail."""
+    sim = Sim(random.Random(11), ["n0", "n1"], ttl=2.0 if etcd_style else None, max_latency=0.002,
+              reuse_lease=reuse_lease)
+    sim.run(3.0)
+    (leader,) = [n for n, m in sim.m.items() if m.leader]
+    sim.renews_lost[leader] = math.inf
+    sim.run(12.0)
+    spans = sim.intervals[leader]
+    assert len(spans) >= 2, "the leader never retook its record"
+    first_end, retake = spans[0][1], spans[1][0]
+    # Retaken after the renew deadline (it stepped down) and before the TTL counted from the
+    # last successful renew (first_end - RD) ran out: the hazardous window.
+    assert first_end < retake < first_end - T.renew_deadline + 2.0
+    if etcd_style and reuse_lease:
+        with pytest.raises(AssertionError):
+            sim.assert_never_two_leaders()
+    else:
+        sim.assert_never_two_leaders()

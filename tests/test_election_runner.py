@@ -209,3 +209,31 @@ def test_build_backend_picks_etcd():
 def test_record_type_is_frozen():
     with pytest.raises(AttributeError):
         LeaseRecord("a", "1", 1).holder = "b"  # type: ignore[misc]
+
+
+async def test_a_subscriber_that_stops_reading_never_stalls_the_election(autojump_clock):
+    """A consumer that stops reading (buffer 16) must not hold up renewals or a step-down;
+    once it reads again it is handed the newest state, in order, not stale ones after it."""
+    store, net = FakeLeaseStore(), FakeNetwork()
+    e = Elector("n1", store, net)
+    stuck = e.fanout.subscribe(16)  # first in the fan-out: a delivery waits on it first
+    async with trio.open_nursery() as n:
+        await n.start(e.run)
+        await trio.sleep(30.0)  # ~60 renewals, each an event: far more than the 16 it can buffer
+        assert e.leader and e.backend.calls.count("renew") >= 55
+        net.mode["n1"] = "hang"
+        t_hang = trio.current_time()
+        await trio.sleep(2.0)
+        assert not e.leader and e.state.election.role == "candidate"  # stepped down on time
+        got = []
+        with trio.move_on_after(1.0):  # read again: the buffer, then what waited
+            async for ev in stuck:
+                got.append((trio.current_time(), ev))
+        assert len(got) < 16 + 1 + 8 + 2  # the backlog stayed bounded
+        last = got[-1][1]
+        assert (last.leader, last.reason) == (False, "renew_deadline")
+        assert e.events[-1][1] == last  # the other subscriber caught up to the same state
+        renewed = [ev for _, ev in got if ev.reason == "renewed"]
+        assert all(a.safe_until < b.safe_until for a, b in zip(renewed, renewed[1:], strict=False))
+        assert max(ev.safe_until for ev in renewed) <= t_hang + 1.5
+        n.cancel_scope.cancel()

@@ -3,9 +3,10 @@
 Owns: translating the lease protocol into etcd calls and etcd/httpx errors into
 ``BackendUnavailable`` / ``LeaseConflict``, once, here:
 
-    acquire  grant a lease (TTL = max(2, ceil(lease_duration))), then one transaction:
+    acquire  grant a FRESH lease (TTL = max(2, ceil(lease_duration))), then one transaction:
              key absent (create_revision == 0; or mod_revision == the version seen, for this
-             node's own or an orphaned record) → put ``<prefix>leader`` = node with the lease
+             node's own or an orphaned record) → put ``<prefix>leader`` = node with that lease
+             (a put moves the key off any lease it was on)
     renew    keep-alive of that lease (an expired lease answers 200 without TTL → lost), then
              a read confirming the key is still this node's on this lease
     release  revoke the lease: etcd deletes the key at once, watchers see it
@@ -15,8 +16,17 @@ Owns: translating the lease protocol into etcd calls and etcd/httpx errors into
 
 The key lives on the lease, so etcd itself removes it when the holder stops renewing
 (``server_expires``); TTL ≥ lease_duration keeps the holder's fence_until honest.
+
+Why acquire never reuses a lease it already has: putting a key onto an existing lease does not
+extend that lease, and after failed keep-alives its remaining TTL is unknown (it may be about to
+expire). The machine counts a successful acquire as safe from the request's start for
+renew_deadline / lease_duration; only a lease granted inside this very request is sure to live
+TTL ≥ lease_duration from then. The replaced lease then holds nothing and runs out by itself
+(not revoked: that would cost the take-over a round trip).
 TLS (CA, client certificate/key), username/password auth (token per endpoint, re-fetched
-when rejected) and failover between several endpoints.
+when rejected) and failover between several endpoints: a refused or closed connection tries the
+next endpoint within the same call; an endpoint that never answers fails that call at its
+deadline and the next call starts at the next endpoint.
 
 Must never: log or put into an error message the password or the auth token; let an httpx or
 JSON error escape untranslated; block past a call's deadline.
@@ -127,6 +137,10 @@ class EtcdLeaseBackend:
         n, first = len(self.endpoints), self._current
         for i in range(n):
             idx = (first + i) % n
+            # Until this endpoint answers, the next call goes to the next one: a hung endpoint
+            # ends this call by a cancellation (the caller's deadline scope is usually the one
+            # that fires, so no handler here would run), and must not take the next call too.
+            self._current = (idx + 1) % n
             try:
                 with trio.fail_at(deadline):
                     for attempt in (1, 2):
@@ -140,16 +154,16 @@ class EtcdLeaseBackend:
                         self._current = idx
                         return data
             except trio.TooSlowError as exc:
-                self._current = (idx + 1) % n  # a hung endpoint: the next call tries another
                 raise BackendUnavailable(f"etcd {self.endpoints[idx]}{path}: no answer by the deadline") from exc
             except httpx.TransportError as exc:
                 last = f"etcd {self.endpoints[idx]}{path}: {type(exc).__name__}: {exc}"
                 self._tokens.pop(idx, None)
-                self._current = (idx + 1) % n
                 continue
             except httpx.HTTPError as exc:
+                self._current = idx  # it answered
                 raise BackendUnavailable(f"etcd {self.endpoints[idx]}{path}: {type(exc).__name__}: {exc}") from exc
             except _EtcdError as exc:
+                self._current = idx  # it answered
                 forbidden = exc.code in (_PERMISSION_DENIED, _UNAUTHENTICATED) or exc.status in (401, 403)
                 if exc.code == _NOT_FOUND and "lease" in str(exc):
                     self.lease_id = None
@@ -189,11 +203,11 @@ class EtcdLeaseBackend:
         return None if kv is None else self._record(kv)
 
     async def acquire(self, seen: LeaseRecord | None, deadline: float) -> LeaseRecord:
-        if self.lease_id is None:
-            grant = await self._post("/v3/lease/grant", {"TTL": self.ttl}, deadline)
-            if not grant.get("ID") or int(grant.get("TTL", 0)) < self.ttl:
-                raise BackendUnavailable(f"etcd: lease grant answered {grant.get('TTL')!r}s, wanted {self.ttl}s")
-            self.lease_id = str(grant["ID"])
+        # Always a fresh lease (module docstring): the old one's remaining TTL is unknown.
+        grant = await self._post("/v3/lease/grant", {"TTL": self.ttl}, deadline)
+        if not grant.get("ID") or int(grant.get("TTL", 0)) < self.ttl:
+            raise BackendUnavailable(f"etcd: lease grant answered {grant.get('TTL')!r}s, wanted {self.ttl}s")
+        lease = str(grant["ID"])
         if seen is None:
             compare = {"key": self.key, "target": "CREATE", "create_revision": "0"}
         else:
@@ -201,14 +215,16 @@ class EtcdLeaseBackend:
         txn = {
             "compare": [compare],
             "success": [
-                {"request_put": {"key": self.key, "value": _b64(self.node.encode()), "lease": self.lease_id}},
+                {"request_put": {"key": self.key, "value": _b64(self.node.encode()), "lease": lease}},
                 {"request_range": {"key": self.key}},
             ],
         }
         data = await self._post("/v3/kv/txn", txn, deadline)
         if not data.get("succeeded"):
-            self.lease_id = None  # unused: it runs out by itself within its TTL
+            # The fresh lease is unused and runs out within its TTL. ``lease_id`` stays: the key
+            # may still be on it, and a graceful stop revokes it.
             raise LeaseConflict("etcd: the leader key changed")
+        self.lease_id = lease
         try:
             kv = self._first_kv(data["responses"][1]["response_range"])
         except (KeyError, IndexError, TypeError):

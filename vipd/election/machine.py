@@ -34,7 +34,12 @@ Leader:
     step-down happens at least LD - RD before any take-over;
   * every successful renew publishes ``safe_until = start + RD`` and
     ``fence_until = start + LD``;
-  * a renew the server refuses (``LeaseConflict``) means the lease is gone: step down at once.
+  * a renew the server refuses (``LeaseConflict``) may only mean that ``held`` is stale: an
+    earlier renew was applied but answered after its deadline, so its new version never
+    reached us. The leader re-reads at once (still leading: ``renewed_at`` is unchanged, so the
+    renew deadline still bounds it). If the record still names this node — only this node
+    writes its own name — it renews with the fresh version; if that renew is refused too, or
+    the record names another node or none, it steps down at once (reason ``conflict``).
 
 Bootstrap (``start_as_leader``): leader at once, without a lease, while the backend is
 unreachable or forbids access. The first definitive answer ends it: a record held by another
@@ -88,6 +93,7 @@ class Why(enum.Enum):
     EXPIRED = "expired"  # version unchanged for the lease duration
     RENEW_DUE = "renew_due"  # leader: retry period elapsed
     BOOTSTRAP_PROBE = "bootstrap_probe"  # bootstrap leader: is the backend answering yet?
+    VERIFY = "verify"  # leader: a renew was refused; is the record still ours?
     SHUTDOWN = "shutdown"  # release on graceful stop
     WAITING = "waiting"  # nothing to do until ``at``
     DEADLINE = "deadline"  # leader: too little time left for a request; wait to step down
@@ -243,6 +249,8 @@ class LeaseMachine:
         self._next_attempt = -math.inf  # follower/bootstrap: earliest next call after an error
         self._last_observe = -math.inf  # start of the last observe
         self._reread = False  # conflict or change: observe soon
+        self._verify = False  # leader: a renew was refused, re-read before renewing again
+        self._verified = False  # leader: the next renew uses a version read after a refusal
         self._why_reread = Why.CONFLICT
         self._pending: Action | None = None
         self._published: tuple[bool, str | None, int] | None = None
@@ -285,8 +293,8 @@ class LeaseMachine:
             if decision.action is Action.OBSERVE:
                 self._last_observe = now
                 self._reread = False
-            elif decision.action is Action.RENEW:
-                self._next_renew = now + self.timing.retry_period
+            if decision.action is Action.RENEW or decision.why is Why.VERIFY:
+                self._next_renew = now + self.timing.retry_period  # a failed call retries after RP
         return dataclasses.replace(decision, changes=tuple(changes))
 
     def stop(self, now: float) -> Decision:
@@ -316,6 +324,7 @@ class LeaseMachine:
             self.backend_up = False
             if pending is Action.RENEW:
                 self.renew_failures += 1
+                self._verified = False  # no answer is no refusal: a later one may verify again
             if pending is Action.RELEASE:
                 self.held = None
                 return
@@ -333,10 +342,13 @@ class LeaseMachine:
             self.held = None
             return
         if out.result is Result.CONFLICT:
-            self._reread, self._why_reread = True, Why.CONFLICT
             if pending is Action.RENEW and self.role is Role.LEADER:
-                self._step_down(Reason.CONFLICT, changes)
-                self.held = None
+                if self._verified:  # refused even with a version read just now: not ours
+                    self._lose_lease(changes)
+                else:  # maybe only our copy is stale: re-read at once, still leading
+                    self._verify, self._next_renew = True, now
+                return
+            self._reread, self._why_reread = True, Why.CONFLICT
             return
         record = sanitize(out.record)
         if pending in (Action.ACQUIRE, Action.RENEW) and record is None:  # backend bug: no record
@@ -344,6 +356,14 @@ class LeaseMachine:
             return
         if pending is Action.OBSERVE:
             self._see(now, record)
+            if self.role is Role.LEADER:  # the re-read after a refused renew
+                self._verify = False
+                if record is not None and record.holder == self.node:
+                    self.held, self._verified, self._next_renew = record, True, now
+                else:
+                    self._lose_lease(changes, reread=False)
+                    self._follow(changes)
+                return
             if self.role is Role.BOOTSTRAP:
                 if record is not None and record.holder not in (None, self.node):
                     self.role = Role.FOLLOWER
@@ -356,6 +376,7 @@ class LeaseMachine:
             self._see(now, record)
             was_leader = self.role is Role.LEADER
             self.role = Role.LEADER
+            self._verify = self._verified = False
             self.held = record
             self.renewed_at = out.started
             self._next_renew = out.started + self.timing.retry_period
@@ -382,7 +403,15 @@ class LeaseMachine:
 
     def _step_down(self, reason: Reason, changes: list[Change]) -> None:
         self.role = Role.CANDIDATE
+        self._verify = self._verified = False
         self._publish(Change(False, None, self.held.term if self.held else 0, reason), changes)
+
+    def _lose_lease(self, changes: list[Change], *, reread: bool = True) -> None:
+        """The server says the lease is not ours: step down at once (and read again)."""
+        self._step_down(Reason.CONFLICT, changes)
+        self.held = None
+        if reread:
+            self._reread, self._why_reread = True, Why.CONFLICT
 
     def _bootstrap_change(self, now: float) -> Change:
         horizon = max(now, self._next_attempt) + self.timing.lease_duration
@@ -411,6 +440,8 @@ class LeaseMachine:
             if now >= self._next_renew:
                 deadline = min(now + t.request, self.renew_by - t.margin)
                 if deadline - now >= t.margin:
+                    if self._verify:
+                        return self._io(Action.OBSERVE, Why.VERIFY, now, None, deadline)
                     return self._io(Action.RENEW, Why.RENEW_DUE, now, self.held, deadline)
                 return Decision(Action.WAIT, Why.DEADLINE, self.renew_by)
             return Decision(Action.WAIT, Why.WAITING, min(self._next_renew, self.renew_by))

@@ -5,12 +5,19 @@ chosen backend call within its deadline and feeds the outcome back, publishing `
 on the fan-out, keeping ``state.election`` current, logging each state change once, and the
 shutdown sequence: wait for the VIP to be gone (``release_gate``), release the lease, close.
 
+Publishing never blocks the election: events go to a ``_Publisher`` task that delivers them in
+order; while a subscriber does not read, at most ``_Publisher.BACKLOG`` events wait and older
+ones are dropped, the latest always kept (consumers act on the newest state and ignore stale
+terms). The address task needs no event to be safe: it drops the VIP itself at safe_until.
+
 Must never: decide anything about timing itself (machine.py does), swallow ``trio.Cancelled``,
-release the lease while the VIP may still be on this node, or log a retry at info.
+release the lease while the VIP may still be on this node, wait on a subscriber, or log a
+retry at info.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import trio
@@ -65,19 +72,57 @@ async def run_election(
         return
     machine = LeaseMachine(cfg.node, timing_of(cfg), start_as_leader=cfg.election.start_as_leader,
                            server_expires=bool(getattr(backend, "server_expires", False)))
-    election = _Election(cfg, backend, fanout, state, machine)
-    task_status.started()
-    try:
-        await election.loop()
-    finally:
-        with trio.CancelScope(shield=True, deadline=trio.current_time() + cfg.shutdown_timeout):
-            await election.shutdown(release_gate)
+    publisher = _Publisher(fanout)
+    election = _Election(cfg, backend, publisher, state, machine)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(publisher.run)
+        task_status.started()
+        try:
+            await election.loop()
+        finally:
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + cfg.shutdown_timeout):
+                await election.shutdown(release_gate)
+
+
+class _Publisher:
+    """Delivers Leadership events to the fan-out from its own task (see the module docstring)."""
+
+    BACKLOG = 8
+
+    def __init__(self, fanout: Fanout) -> None:
+        self.fanout = fanout
+        self._queue: deque[Leadership] = deque()
+        self._wake = trio.Event()
+        self._scope = trio.CancelScope()
+
+    def put(self, event: Leadership) -> None:
+        """Never blocks."""
+        self._queue.append(event)
+        while len(self._queue) > self.BACKLOG:
+            self._queue.popleft()
+        self._wake.set()
+
+    async def run(self) -> None:
+        with self._scope:
+            while True:
+                while self._queue:
+                    await self.fanout.send(self._queue.popleft())
+                self._wake = trio.Event()
+                await self._wake.wait()
+
+    def close(self, final: list[Leadership]) -> None:
+        """Shutdown: stop delivering (a blocked send is abandoned, so nothing older can arrive
+        after ``final``), drop what still waits, and hand ``final`` over without blocking."""
+        self._scope.cancel()
+        self._queue.clear()
+        for event in final:
+            self.fanout.send_nowait(event)
 
 
 class _Election:
-    def __init__(self, cfg: Config, backend: LeaseBackend, fanout: Fanout, state: RuntimeState,
+    def __init__(self, cfg: Config, backend: LeaseBackend, publisher: _Publisher, state: RuntimeState,
                  machine: LeaseMachine) -> None:
-        self.cfg, self.backend, self.fanout, self.state, self.m = cfg, backend, fanout, state, machine
+        self.cfg, self.backend, self.publisher, self.state, self.m = cfg, backend, publisher, state, machine
         self.log = log.get("election")
         self.name = getattr(backend, "name", type(backend).__name__)
         self.was_leader = False
@@ -94,7 +139,7 @@ class _Election:
             self._note_backend(now)
             for change in d.changes:
                 self._log_change(change)
-                await self.fanout.send(_leadership(change))
+                self.publisher.put(_leadership(change))
             self._sync_state()
             if d.action is Action.WAIT:
                 outcome = await self._wait(d.at, d.wake_on_change)
@@ -193,8 +238,7 @@ class _Election:
                 await release_gate.wait()
             gate_ok = release_gate.is_set()
         d = m.stop(trio.current_time())
-        for change in d.changes:
-            self.fanout.send_nowait(_leadership(change))
+        self.publisher.close([_leadership(change) for change in d.changes])
         if d.action is Action.RELEASE and not gate_ok:
             # The VIP may still be up here: let the lease run out instead of handing it over.
             self.log.warning("election.release_skipped", reason="vip not confirmed removed")
