@@ -165,6 +165,7 @@ def refused_renew(at: float = 0.5) -> tuple[LeaseMachine, Decision]:
 def test_refused_renew_rereads_at_once_still_leading():
     m, d = refused_renew()
     assert (d.action, d.why, reasons(d)) == (Action.OBSERVE, Why.VERIFY, [])
+    assert m.renew_failures == 1  # vipd_election_renew_failures_total counts refusals too
     assert m.leader and d.deadline <= m.renew_by - T.margin
 
 

@@ -342,6 +342,8 @@ class LeaseMachine:
             self.held = None
             return
         if out.result is Result.CONFLICT:
+            if pending is Action.RENEW:
+                self.renew_failures += 1  # refused: as failed as a timeout, for the operator
             if pending is Action.RENEW and self.role is Role.LEADER:
                 if self._verified:  # refused even with a version read just now: not ours
                     self._lose_lease(changes)
