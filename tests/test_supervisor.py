@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import json
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from vipd import app, config
+from vipd import app, config, log
 from vipd.errors import ConfigError
 from vipd.events import Leadership
 from vipd.state import RuntimeState
@@ -164,3 +166,34 @@ async def test_readiness_follows_tasks(mock_clock: trio.testing.MockClock) -> No
         assert state.last_tick > 0 or trio.current_time() == 0
         stop.set()
     assert not state.is_ready and state.stopping
+
+
+# -- plan building is part of the guarded start-up ---------------------------------------------
+
+async def test_plan_that_cannot_be_built_exits_2_with_config_invalid(mock_clock: trio.testing.MockClock) -> None:
+    buf = io.StringIO()
+    log.configure(fmt="json", level="info", node="n1", stream=buf)
+
+    def factory(w: app.Wiring) -> app.Plan:
+        raise ConfigError(["election.etcd.ca (flag --etcd-ca): '/nonexistent.pem' cannot be read"])
+
+    code, state = await run_until(make_cfg(), factory, stop_after=None)
+    assert code == 2
+    records = [json.loads(line) for line in buf.getvalue().splitlines()]
+    invalid = [r for r in records if r["event"] == "config.invalid"]
+    assert [r["problem"] for r in invalid] == ["election.etcd.ca (flag --etcd-ca): '/nonexistent.pem' cannot be read"]
+    assert [r["exit_code"] for r in records if r["event"] == "shutdown.completed"] == [2]
+    assert not state.ready
+
+
+async def test_plan_that_crashes_exits_1_with_task_failed(mock_clock: trio.testing.MockClock) -> None:
+    buf = io.StringIO()
+    log.configure(fmt="json", level="info", node="n1", stream=buf)
+
+    def factory(w: app.Wiring) -> app.Plan:
+        raise OSError("no such device")
+
+    code, _ = await run_until(make_cfg(), factory, stop_after=None)
+    assert code == 1
+    failed = [json.loads(line) for line in buf.getvalue().splitlines() if '"task.failed"' in line]
+    assert len(failed) == 1 and failed[0]["error"] == "OSError: no such device"
