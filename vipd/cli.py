@@ -40,16 +40,6 @@ def print_problems(problems: Sequence[str]) -> None:
         print(f"vipd: error: {line}", file=sys.stderr)
 
 
-def load_config(args: argparse.Namespace, *, require_vip: bool = True,
-                warnings: list[str] | None = None) -> config_mod.Config:
-    return config_mod.load(
-        file=getattr(args, "config", None),
-        flags=config_mod.collect_flags(args),
-        require_vip=require_vip,
-        warnings=warnings,
-    )
-
-
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML configuration file")
     config_mod.add_flags(p)
@@ -87,7 +77,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def cmd_config_show(args: argparse.Namespace) -> int:
     warnings: list[str] = []
-    cfg = load_config(args, warnings=warnings)
+    cfg = config_mod.load_args(args, warnings=warnings)
     sys.stdout.write(config_mod.render_show(cfg))
     for line in warnings:
         print(f"vipd: warning: {line} (vipd config check rejects this)", file=sys.stderr)
