@@ -6,15 +6,17 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEB_TEST := iproute2 etcd-server curl tcpdump iperf3 procps keepalived systemd prometheus
-DEB_DEMO := iproute2 etcd-server curl procps
+# python3-venv: without it `python3 -m venv` leaves a .venv with python but no pip.
+DEB_TEST := python3-venv iproute2 etcd-server curl tcpdump iperf3 procps keepalived systemd prometheus
+DEB_DEMO := python3-venv iproute2 etcd-server curl procps
 DEB_BENCH := haproxy nginx-light iperf3 wrk keepalived curl
 PYTEST_ARGS ?=
 
 .PHONY: test demo bench lint venv deb-test deb-demo deb-bench clean
 
+# A half-made .venv (python but no pip: venv ran before python3-venv was installed) is rebuilt.
 $(STAMP): pyproject.toml
-	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@if ! test -x $(BIN)/python || ! test -x $(BIN)/pip; then rm -rf $(VENV) && $(PY) -m venv $(VENV); fi
 	@$(BIN)/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 	$(BIN)/python -m pip install -q -e '.[test,lab]'
 	@touch $(STAMP)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import socket
 import string
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import yaml
@@ -140,7 +144,22 @@ def test_file_lists_and_nesting(tmp_path: Path) -> None:
         ({"proxy.discovery": "peers"}, ["proxy.peers", "no peer"]),
         ({"election.etcd.cert": "/c.pem"}, ["both --etcd-cert and --etcd-key"]),
         ({"proxy.drain_timeout": "20s"}, ["proxy.drain_timeout", "less than shutdown_timeout"]),
-        ({"status.listen": "nowhere"}, ["status.listen", "HOST:PORT"]),
+        ({"status.listen": "nowhere"}, ["status.listen", "IP:PORT"]),
+        ({"status.listen": "999.1.1.1:2112"}, ["status.listen (flag --status-listen): got '999.1.1.1:2112'",
+                                                "with an IP address as host"]),
+        ({"status.listen": "localhost:2112"}, ["status.listen", "with an IP address as host"]),
+        ({"proxy.port": "\u0666\u0664\u0664\u0663"}, ["proxy.port", "expected a port number"]),  # Arabic-Indic 6443
+        ({"vip.address": ["10.0.0.5/\u0663\u0662"]}, ["'10.0.0.5/\u0663\u0662' has a bad prefix; expected /1 to /32"]),
+        ({"vip.address": ["10.0.0.5/\u00b2"]}, ["'10.0.0.5/\u00b2' has a bad prefix; expected /1 to /32"]),
+        ({"vip.subnet": "\u0663\u0662"}, ["vip.subnet", "prefix lengths"]),
+        ({"election.lease_duration": "\u0665s"}, ["election.lease_duration", "expected a duration"]),
+        ({"log.level": "\u0665"}, ["log.level", "expected one of debug"]),
+        ({"vip.address": ["fe80::1%eth0"]}, ["'fe80::1%eth0' has a zone index; expected the address without %zone"]),
+        ({"vip.address": ["10.0.0.0/8"]}, ["'10.0.0.0/8' is the network address of 10.0.0.0/8; expected a host address"]),
+        ({"vip.address": ["10.255.255.255/8"]}, ["is the broadcast address of 10.0.0.0/8"]),
+        ({"vip.address": ["fd00::/64"]}, ["'fd00::/64' is the network address of fd00::/64"]),
+        ({"vip.address": ["10.1.0.0"], "vip.subnet": "16"},
+         ["'10.1.0.0/16' (prefix from vip.subnet (flag --subnet)) is the network address of 10.1.0.0/16"]),
         ({"vip.address": []}, ["no VIP given"]),
         ({"log.level": "loud"}, ["log.level"]),
     ],
@@ -171,7 +190,8 @@ def test_file_problems(tmp_path: Path) -> None:
     f.write_text("proxy:\n  prot: 1\n")
     with pytest.raises(ConfigError) as err:
         config.load(environ={}, flags=MIN, file=str(f))
-    assert err.value.problems == [f"proxy.prot (file {f}): unknown setting; expected one of the keys in docs/configuration.md"]
+    assert err.value.problems == [f"proxy.prot (file {f}): unknown setting; expected one of the keys in "
+                                  "docs/configuration.md (did you mean proxy.port?)"]
     with pytest.raises(ConfigError) as err:
         config.load(environ={}, flags=MIN, file=str(tmp_path / "missing.yaml"))
     assert "cannot be read" in err.value.problems[0]
@@ -182,6 +202,177 @@ def test_secret_never_shown() -> None:
     assert cfg.election.etcd.password == "hunter2"
     assert "hunter2" not in config.render_show(cfg)
     assert "hunter2" not in repr(cfg)
+
+
+@pytest.mark.parametrize(
+    ("flags", "check"),
+    [
+        ({"status.listen": "[::1]:2112"}, lambda c: c.status.listen == "[::1]:2112"),
+        ({"status.listen": ":2112"}, lambda c: c.status.listen == "0.0.0.0:2112"),
+        ({"status.listen": ""}, lambda c: c.status.listen == ""),
+        ({"vip.address": ["10.0.0.4/31"]}, lambda c: str(c.vip.addresses[0]) == "10.0.0.4/31"),
+        ({"vip.address": ["fd00::/127"]}, lambda c: str(c.vip.addresses[0]) == "fd00::/127"),
+        ({"vip.address": ["10.1.0.5"], "vip.subnet": "16"}, lambda c: str(c.vip.addresses[0]) == "10.1.0.5/16"),
+    ],
+)
+def test_valid_edge_values(flags: dict[str, Any], check: Any) -> None:
+    assert check(load(flags=flags))
+
+
+def test_bad_value_under_an_override_is_still_reported(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("proxy:\n  enabled: maybe\n  port: 70000\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(environ={"VIPD_LB_PORT": "6443"}, flags={**MIN, "proxy.enabled": False}, file=str(f))
+    assert sorted(err.value.problems) == [
+        f"proxy.enabled (file {f}): got 'maybe'; expected true or false (overridden by flag --proxy)",
+        f"proxy.port (file {f}): got '70000'; expected a port number from 1 to 65535 (overridden by env VIPD_LB_PORT)",
+    ]
+    # A kube-vip name shadowed by the VIPD_ name is read too.
+    with pytest.raises(ConfigError) as err:
+        load(environ={"VIPD_LB_PORT": "7000", "lb_port": "x"})
+    assert err.value.problems == ["proxy.port (env lb_port): got 'x'; expected a port number from 1 to 65535 "
+                                  "(overridden by env VIPD_LB_PORT)"]
+
+
+# -- the file: empty values, sections, YAML errors --------------------------------------------
+
+@pytest.mark.parametrize(
+    ("text", "check"),
+    [
+        # `key:` with nothing after it is null in YAML: unset, never the text "None".
+        ("node:\n", lambda c: c.node == socket.gethostname() and c.sources["node"] == "default"),
+        ("vip:\n  interface:\n", lambda c: c.vip.interface is None),
+        ("election:\n  kubernetes:\n    kubeconfig:\n    lease_name: ~\n",
+         lambda c: (c.election.kubernetes.kubeconfig, c.election.kubernetes.lease_name)
+         == ("/etc/kubernetes/admin.conf", "vipd-cp-lock")),
+        ("election:\n  etcd:\n    ca: null\n", lambda c: c.election.etcd.ca is None),
+        # A section whose settings are all commented out.
+        ("proxy:\n#  port: 7443\n", lambda c: c.proxy.port == 6443 and c.proxy.enabled),
+        ("proxy:\n  health:\n  port:\nelection:\n", lambda c: c.proxy.port == 6443),
+        ("announce: {}\n", lambda c: c.announce.enabled),
+        # An empty list entry is no entry.
+        ("proxy:\n  backends:\n  - 10.0.0.12:6444\n  -\n", lambda c: c.proxy.backends == (("10.0.0.12", 6444),)),
+        ("", lambda c: c.node == socket.gethostname()),
+        ("# only a comment\n", lambda c: c.proxy.port == 6443),
+    ],
+)
+def test_file_empty_value_is_unset(tmp_path: Path, text: str, check: Any) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    cfg = config.load(environ={}, flags={"vip.address": ["10.0.0.5"], "proxy.backends": ["10.0.0.11:6444"]}
+                      if "backends" not in text else {"vip.address": ["10.0.0.5"]}, file=str(f))
+    assert check(cfg)
+    assert "None" not in config.render_show(cfg)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("vip: 5\n", "vip (file {f}): got '5'; expected a mapping of settings (address, interface, subnet)"),
+        ("proxy: [1, 2]\n", "proxy (file {f}): got '[1, 2]'; expected a mapping of settings (backend_port, "),
+        ("election:\n  etcd: on\n", "election.etcd (file {f}): got 'true'; expected a mapping of settings (ca, "),
+        ("proxy:\n  prot: 1\n", "proxy.prot (file {f}): unknown setting; expected one of the keys in "
+                                "docs/configuration.md (did you mean proxy.port?)"),
+        ("prxy:\n  port: 1\n", "prxy (file {f}): unknown setting; expected one of the keys in docs/configuration.md "
+                               "(did you mean proxy?)"),
+        ("vip: [1\n", "config file {f}: is not valid YAML (at line 2, column 1: expected ',' or ']', but got "
+                      "'<stream end>' (while parsing a flow sequence at line 1, column 6)); expected a mapping"),
+        ("node: a: b\n", "config file {f}: is not valid YAML (at line 1, column 8: mapping values are not allowed"),
+        ("node: 2020-13-01\n", "config file {f}: is not valid YAML (month must be in 1..12)"),
+        ("node: !!int abc\n", "config file {f}: is not valid YAML (invalid literal for int()"),
+        ("node: !!int\n", "config file {f}: is not valid YAML (string index out of range)"),
+        ("- 1\n", "config file {f}: top level is list; expected a mapping of settings"),
+    ],
+)
+def test_file_structure_problems(tmp_path: Path, text: str, expected: str) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        config.load(environ={}, flags=MIN, file=str(f))
+    assert len(err.value.problems) == 1
+    assert err.value.problems[0].startswith(expected.format(f=f)), err.value.problems[0]
+
+
+def test_problem_shows_scalars_without_yaml_end_marker(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("proxy:\n  enabled: 1.5\n  port: 70000\n  balance: 7\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(environ={}, flags=MIN, file=str(f))
+    text = "\n".join(err.value.problems)
+    assert "got '1.5'; expected true or false" in text  # was "got '1.5\\n...'"
+    assert "got '70000'; expected a port number" in text
+    assert "got '7'; expected one of roundrobin" in text
+    assert "..." not in text and "\\n" not in text
+
+
+# -- kube-vip env blocks, unchanged ------------------------------------------------------------
+
+# What kube-vip's `manifest pod --controlplane --arp --leaderElection` writes today (v0.8).
+KUBEVIP_CURRENT = {
+    "vip_arp": "true", "port": "6443", "vip_nodename": "cp-1", "vip_interface": "ens192", "vip_subnet": "32",
+    "dns_mode": "first", "cp_enable": "true", "cp_namespace": "kube-system", "svc_enable": "false",
+    "svc_leasename": "plndr-svcs-lock", "vip_leaderelection": "true", "vip_leasename": "plndr-cp-lock",
+    "vip_leaseduration": "5", "vip_renewdeadline": "3", "vip_retryperiod": "1", "address": "192.168.0.40",
+    "prometheus_server": ":2112",
+}
+# The origin's (kube-vip 0.1.5 `kubeadm init`) env block.
+KUBEVIP_ORIGIN = {
+    "vip_arp": "true", "vip_interface": "ens192", "vip_address": "192.168.0.75", "vip_startleader": "true",
+    "vip_addpeerstolb": "true", "vip_localpeer": "controlPlane01:192.168.0.70:10000", "lb_backendport": "6443",
+    "lb_name": "Kubeadm Load Balancer", "lb_type": "tcp", "lb_bindtovip": "true",
+}
+
+
+def test_current_kubevip_env_block_works_unchanged() -> None:
+    cfg = config.load(environ=KUBEVIP_CURRENT)
+    assert not cfg.proxy.enabled  # kube-vip's lb_enable is off by default
+    assert cfg.sources["proxy.enabled"] == "default for kube-vip names"
+    assert [str(v) for v in cfg.vip.addresses] == ["192.168.0.40/32"]
+    assert (cfg.node, cfg.vip.interface, cfg.announce.enabled) == ("cp-1", "ens192", True)
+    e = cfg.election
+    assert (e.backend, e.lease_duration, e.renew_deadline, e.retry_period) == ("kubernetes", 5, 3, 1)
+    assert (e.kubernetes.namespace, e.kubernetes.lease_name) == ("kube-system", "plndr-cp-lock")
+    assert cfg.status.listen == "0.0.0.0:2112"
+    # With kube-vip's load balancer switched on, it balances over the apiservers it discovers.
+    cfg = config.load(environ={**KUBEVIP_CURRENT, "lb_enable": "true", "lb_port": "6443"})
+    assert cfg.proxy.enabled and cfg.proxy.discovery == "kubernetes"
+    cfg = config.load(environ={**KUBEVIP_CURRENT, "lb_enable": "false"})
+    assert not cfg.proxy.enabled and cfg.sources["proxy.enabled"] == "env lb_enable"
+    # An explicit vipd setting still decides.
+    cfg = config.load(environ=KUBEVIP_CURRENT, flags={"proxy.backends": ["192.168.0.41:6444"]})
+    assert cfg.proxy.enabled and cfg.proxy.discovery == "static"
+    with pytest.raises(ConfigError, match="no backends"):
+        config.load(environ=KUBEVIP_CURRENT, flags={"proxy.enabled": True})
+
+
+def test_origin_kubevip_env_block_works_unchanged() -> None:
+    cfg = config.load(environ=KUBEVIP_ORIGIN)
+    assert cfg.proxy.enabled and cfg.proxy.discovery == "peers"
+    assert [(p.id, p.host, p.port) for p in cfg.proxy.peers] == [("controlPlane01", "192.168.0.70", 10000)]
+    assert (cfg.proxy.backend_port, cfg.proxy.bind_to_vip, cfg.proxy.name) == (6443, True, "Kubeadm Load Balancer")
+    assert cfg.election.start_as_leader and cfg.announce.enabled
+
+
+def test_vipd_names_alone_keep_the_proxy_default_on() -> None:
+    cfg = config.load(environ={"VIPD_ADDRESS": "10.0.0.5", "VIPD_BACKEND": "10.0.0.11:6444"})
+    assert cfg.proxy.enabled and cfg.sources["proxy.enabled"] == "default"
+    with pytest.raises(ConfigError, match="no backends"):
+        config.load(environ={"VIPD_ADDRESS": "10.0.0.5"})
+
+
+@pytest.mark.parametrize("block", [KUBEVIP_CURRENT, KUBEVIP_ORIGIN], ids=["current", "origin-0.1.5"])
+def test_kubevip_env_block_passes_config_check(block: dict[str, str]) -> None:
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("VIPD_")}, **block}
+    done = subprocess.run([sys.executable, "-m", "vipd", "config", "check"], env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert "configuration is valid" in done.stdout
+
+
+def test_empty_kubevip_name_is_unset() -> None:
+    cfg = load(environ={"vip_interface": "", "prometheus_server": "", "VIPD_NODE": "n1"})
+    assert cfg.vip.interface is None and cfg.status.listen == "127.0.0.1:2112"
 
 
 # -- CLI ---------------------------------------------------------------------------------------
@@ -249,3 +440,116 @@ def test_fuzz_files(tmp_path: Path, doc: Any, raw: bytes) -> None:
             config.load(environ={}, file=str(f), flags=MIN)
         except ConfigError as err:
             assert err.problems and all("\n" not in p for p in err.problems)
+
+
+_YAML_TOKENS = ["node", "vip", "proxy", "address", "enabled", ":", " ", "\n", "  ", "- ", "[", "]", "{", "}", ",",
+                "!!int ", "!!float ", "!!timestamp ", "!!binary ", "!!set ", "!!python/name:os.system ", "&a ", "*a",
+                "2020-13-01", "1", "0x1F", "~", "'", '"', "#", "? ", "|", "%YAML 1.1\n", "---\n", "...\n", "\t", "é",
+                "\u0663", "<<: "]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(text=st.lists(st.sampled_from(_YAML_TOKENS), max_size=25).map("".join))
+def test_fuzz_yaml_text(tmp_path: Path, text: str) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    try:
+        config.load(environ={}, file=str(f), flags=MIN)
+    except ConfigError as err:
+        assert err.problems and all("\n" not in p for p in err.problems)
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"a.b": 1} → {"a": {"b": 1}}: the shape an operator writes."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+_sections = sorted({k.rsplit(".", 1)[0] for k in (f.key for f in config.FIELDS) if "." in k})
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(nulls=st.lists(_keys, max_size=8), empty_sections=st.lists(st.sampled_from(_sections), max_size=4))
+def test_fuzz_file_empty_values_are_unset(tmp_path: Path, nulls: list[str], empty_sections: list[str]) -> None:
+    doc = _nest(dict.fromkeys(nulls))
+    for section in empty_sections:  # `proxy:` alone (its settings commented out), unless it has some
+        node = doc
+        *parents, leaf = section.split(".")
+        for part in parents:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        node.setdefault(leaf, None)
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(doc))
+    cfg = config.load(environ={}, file=str(f), flags=MIN)
+    assert cfg == config.load(environ={}, flags=MIN)
+    assert not any(source.startswith("file") for source in cfg.sources.values())
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(flat=st.dictionaries(_keys, _yaml_value, max_size=6))
+def test_fuzz_nested_files(tmp_path: Path, flat: dict[str, Any]) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(_nest(flat)))
+    try:
+        cfg = config.load(environ={}, file=str(f), flags=MIN)
+    except ConfigError as err:
+        assert err.problems and all("\n" not in p and "None" != p.split("got ")[-1][:6] for p in err.problems)
+    else:
+        config.render_show(cfg)
+
+
+# -- fuzz the command line through the real parser and main() ----------------------------------
+
+_GOOD = ["10.0.0.5", "fd00::5/64", "10.0.0.11:6444", "[fd00::11]:6444", "3s", "500ms", "true", "no", ":2112",
+         "127.0.0.1:2112", "", "n1:10.0.0.12:6444", "https://127.0.0.1:2379", "eth0", "static", "peers", "etcd"]
+_good = st.sampled_from(_GOOD)
+_arg = st.one_of(_good, _good, st.text(alphabet=string.printable + "é\u0663\u00b2%", max_size=20))
+_FLAGGED = [f for f in config.FIELDS if f.flag]
+_CLEAN_ENV = {k: v for k, v in os.environ.items()
+              if not k.startswith("VIPD_") and k not in {e.name for f in config.FIELDS for e in f.kubevip_env}}
+
+
+@st.composite
+def _argv(draw: Any) -> list[str]:
+    argv = ["config", draw(st.sampled_from(["check", "show"]))]
+    if draw(st.booleans()):  # a valid base, so that valid command lines (exit 0) are reached too
+        argv += ["--address", "10.0.0.5", "--no-proxy"]
+    for spec in draw(st.lists(st.sampled_from(_FLAGGED), max_size=7)):
+        if spec.kind == "bool":
+            argv.append(draw(st.sampled_from([spec.flag, f"--no-{spec.flag[2:]}"])))
+        elif spec.kind == "list":  # a list flag repeats: one item per occurrence
+            argv += [f"{spec.flag}={item}" for item in draw(st.lists(_arg, min_size=1, max_size=3))]
+        else:
+            value = draw(_arg)
+            argv += draw(st.sampled_from([[f"{spec.flag}={value}"], [spec.flag, value]]))
+    return argv
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(argv=_argv())
+def test_fuzz_argv_through_main(argv: list[str]) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    with mock.patch.dict(os.environ, _CLEAN_ENV, clear=True), \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse's own errors (a value that looks like a flag, ...)
+            code = exc.code
+    assert code in (0, 2), (code, err.getvalue())
+    assert "Traceback" not in err.getvalue()
+    if code == 2:
+        lines = err.getvalue().splitlines()
+        assert lines and all(line.startswith(("vipd: error: ", "vipd config check: error: ",
+                                              "vipd config show: error: ")) for line in lines), lines
+    elif argv[1] == "check":
+        assert out.getvalue().startswith("configuration is valid")
+    else:
+        assert isinstance(yaml.safe_load(out.getvalue()), dict)

@@ -147,4 +147,5 @@ async def test_missing_interface_is_a_config_error():
     with trio.fail_after(10), pytest.raises(ConfigError) as info:
         await run_address_task(cfg, RuntimeState(node="n1"), Fanout().subscribe(), Fanout())
     assert "'vwnope0' does not exist; expected one of" in str(info.value)
+    assert "lo" in str(info.value).split("expected one of ")[1].split(", ")  # every real interface, lo too
     assert info.value.problems[0].startswith("vip.interface (flag --interface)")

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
+import json
+import os
+import signal
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from vipd import app, config
+from vipd import app, config, log
 from vipd.errors import ConfigError
 from vipd.events import Leadership
 from vipd.state import RuntimeState
@@ -164,3 +168,102 @@ async def test_readiness_follows_tasks(mock_clock: trio.testing.MockClock) -> No
         assert state.last_tick > 0 or trio.current_time() == 0
         stop.set()
     assert not state.is_ready and state.stopping
+
+
+# -- plan building is part of the guarded start-up ---------------------------------------------
+
+async def test_plan_that_cannot_be_built_exits_2_with_config_invalid(mock_clock: trio.testing.MockClock) -> None:
+    buf = io.StringIO()
+    log.configure(fmt="json", level="info", node="n1", stream=buf)
+
+    def factory(w: app.Wiring) -> app.Plan:
+        raise ConfigError(["election.etcd.ca (flag --etcd-ca): '/nonexistent.pem' cannot be read"])
+
+    code, state = await run_until(make_cfg(), factory, stop_after=None)
+    assert code == 2
+    records = [json.loads(line) for line in buf.getvalue().splitlines()]
+    invalid = [r for r in records if r["event"] == "config.invalid"]
+    assert [r["problem"] for r in invalid] == ["election.etcd.ca (flag --etcd-ca): '/nonexistent.pem' cannot be read"]
+    assert [r["exit_code"] for r in records if r["event"] == "shutdown.completed"] == [2]
+    assert not state.ready
+
+
+async def test_plan_that_crashes_exits_1_with_task_failed(mock_clock: trio.testing.MockClock) -> None:
+    buf = io.StringIO()
+    log.configure(fmt="json", level="info", node="n1", stream=buf)
+
+    def factory(w: app.Wiring) -> app.Plan:
+        raise OSError("no such device")
+
+    code, _ = await run_until(make_cfg(), factory, stop_after=None)
+    assert code == 1
+    failed = [json.loads(line) for line in buf.getvalue().splitlines() if '"task.failed"' in line]
+    assert len(failed) == 1 and failed[0]["error"] == "OSError: no such device"
+
+
+# -- signals: real SIGTERM/SIGINT delivered to this process ------------------------------------
+
+async def _start_with_signals(cfg: config.Config, factory: Any, nursery: trio.Nursery,
+                              hard_exit: Any = None) -> tuple[list[int], RuntimeState]:
+    """Start supervise() with its signal handling on; returns (exit code box, state) once started."""
+    state = RuntimeState(node=cfg.node)
+    result: list[int] = []
+
+    async def go(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        result.append(await app.supervise(cfg, state, factory, handle_signals=True, hard_exit=hard_exit,
+                                          task_status=task_status))
+
+    await nursery.start(go)  # the signal receiver is installed before supervise reports started
+    return result, state
+
+
+def _events(buf: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in buf.getvalue().splitlines()]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_signal_starts_graceful_shutdown_exit_0(mock_clock: trio.testing.MockClock,
+                                                      signum: signal.Signals) -> None:
+    buf = io.StringIO()
+    log.configure(fmt="json", level="info", node="n1", stream=buf)
+    rec = Recorder()
+    exits: list[int] = []
+    with trio.fail_after(60):  # mock time: a signal that is not handled fails instead of hanging
+        async with trio.open_nursery() as nursery:
+            result, state = await _start_with_signals(make_cfg(), plan_of(rec), nursery, hard_exit=exits.append)
+            assert state.is_ready
+            os.kill(os.getpid(), signum)
+    assert result == [0] and exits == []
+    # The same orderly stop as a stop request: VIP off before the lease is released, services last.
+    assert rec.events.index("stop address") < rec.events.index("release lease") < rec.events.index("stop status")
+    events = _events(buf)
+    received = [e for e in events if e["event"] == "signal.received"]
+    assert [e["signal"] for e in received] == [signum.name]
+    assert [e["reason"] for e in events if e["event"] == "shutdown.started"] == ["signal"]
+    assert not any(e["event"] in ("shutdown.forced", "shutdown.forced_exit") for e in events)
+
+
+async def test_second_signal_forces_exit(mock_clock: trio.testing.MockClock) -> None:
+    buf = io.StringIO()
+    log.configure(fmt="json", level="info", node="n1", stream=buf)
+    rec = Recorder()
+    cfg = make_cfg(shutdown_timeout="100s")
+    exits: list[tuple[int, float]] = []
+    with trio.fail_after(300):  # mock time: the 60 s cleanup still ends; a lost signal fails
+        async with trio.open_nursery() as nursery:
+            # The address task's cleanup hangs for 60 s (a stuck netlink call, say).
+            result, _ = await _start_with_signals(
+                cfg, plan_of(rec, address=rec.task("address", cleanup=60)), nursery,
+                hard_exit=lambda code: exits.append((code, trio.current_time() - t_first)))
+            t_first = trio.current_time()
+            os.kill(os.getpid(), signal.SIGTERM)
+            await trio.sleep(2)  # shutdown is under way, stuck in the address cleanup
+            assert exits == [] and "stop address" not in rec.events
+            os.kill(os.getpid(), signal.SIGINT)
+    # The second signal ends it at once (2 s after the first), not at the 100 s deadline.
+    assert exits == [(1, pytest.approx(2))]
+    assert result == [1]
+    events = [e["event"] for e in _events(buf)]
+    assert events.count("signal.received") == 1
+    assert "shutdown.forced" in events and "shutdown.forced_exit" in events
+    assert "shutdown.deadline_exceeded" not in events

@@ -30,7 +30,7 @@ import trio
 
 from vipd import log
 from vipd.config import Config
-from vipd.errors import ConfigError
+from vipd.errors import ConfigError, leaves
 from vipd.events import Fanout
 from vipd.state import RuntimeState, VipState
 
@@ -61,13 +61,6 @@ class Plan:
 
 class ShutdownTimeout(Exception):
     pass
-
-
-def _leaves(eg: BaseExceptionGroup) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in eg.exceptions:
-        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return out
 
 
 def default_plan(w: Wiring) -> Plan:
@@ -154,8 +147,6 @@ async def supervise(
     forced = trio.Event()
     wiring = Wiring(cfg=cfg, state=state)
     state.vips = [VipState(address=str(v), interface=cfg.vip.interface) for v in cfg.vip.addresses]
-    plan = plan_factory(wiring)
-    state.expected = {n for n, _ in plan.services + plan.vip + plan.proxy} | {plan.election[0]}
     failure: list[BaseException] = []
     exit_code = 0
 
@@ -188,7 +179,7 @@ async def supervise(
         try:
             await _group(group, tasks, state, done, task_status=task_status)
         except* Exception as eg:  # a task failed: record it and start the shutdown
-            for exc in _leaves(eg):
+            for exc in leaves(eg):
                 record(exc, group)
             stop.set()
             if done is not None:
@@ -208,6 +199,11 @@ async def supervise(
 
         scopes: dict[str, trio.CancelScope] = {}
         try:
+            # Building the plan is part of the guarded start-up: a backend that cannot be built
+            # (e.g. an etcd CA file that does not exist) is a logged config.invalid and exit 2,
+            # never a traceback.
+            plan = plan_factory(wiring)
+            state.expected = {n for n, _ in plan.services + plan.vip + plan.proxy} | {plan.election[0]}
             scopes["services"] = await outer.start(guarded, "services", plan.services, services_done)
             scopes["vip"] = await outer.start(vip_group)
             scopes["proxy"] = await outer.start(guarded, "proxy", plan.proxy, proxy_done)
@@ -223,7 +219,8 @@ async def supervise(
 
         await stop.wait()
         state.stopping = True
-        logger.info("shutdown.started", reason="task failed" if failure else "signal")
+        reason = ("startup failed" if "election" not in scopes else "task failed") if failure else "signal"
+        logger.info("shutdown.started", reason=reason)
         with trio.move_on_after(cfg.shutdown_timeout) as deadline:
 
             async def forced_exit() -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from vipd import __version__
 from vipd import config as config_mod
-from vipd.errors import ConfigError, VipdError
+from vipd.errors import ConfigError, VipdError, leaves
 
 # Sub-commands defined in other modules: (module, function(subparsers) -> None).
 COMMANDS: list[tuple[str, str]] = [
@@ -40,16 +40,6 @@ def print_problems(problems: Sequence[str]) -> None:
         print(f"vipd: error: {line}", file=sys.stderr)
 
 
-def load_config(args: argparse.Namespace, *, require_vip: bool = True,
-                warnings: list[str] | None = None) -> config_mod.Config:
-    return config_mod.load(
-        file=getattr(args, "config", None),
-        flags=config_mod.collect_flags(args),
-        require_vip=require_vip,
-        warnings=warnings,
-    )
-
-
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML configuration file")
     config_mod.add_flags(p)
@@ -58,17 +48,28 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 def cmd_start(args: argparse.Namespace) -> int:
     from vipd import app, log
 
-    cfg = load_config(args)
+    cfg = config_mod.load_args(args)
     log.configure(fmt=cfg.log.format, level=cfg.log.level, node=cfg.node)
+    logger = log.get("app")
+    code = 1
+    # The supervisor reports what fails inside it; this catches what escapes it, bare or (through
+    # trio-asyncio's loop nursery) in an exception group: bad input is exit 2, the rest exit 1.
     try:
-        return app.run(cfg)
-    except VipdError as exc:
-        log.get("app").error("startup.failed", error=str(exc))
-        return 1
+        code = app.run(cfg)
+    except* ConfigError as group:
+        for exc in leaves(group):
+            for problem in getattr(exc, "problems", [str(exc)]):
+                logger.error("config.invalid", problem=problem)
+        code = 2
+    except* VipdError as group:
+        for exc in leaves(group):
+            logger.error("startup.failed", error=f"{type(exc).__name__}: {exc}")
+        code = 1
+    return code
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    cfg = load_config(args)
+    cfg = config_mod.load_args(args)
     print(f"configuration is valid: node {cfg.node}, {len(cfg.vip.addresses)} VIP(s), "
           f"election {cfg.election.backend}, proxy {'on' if cfg.proxy.enabled else 'off'}")
     return 0
@@ -76,7 +77,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def cmd_config_show(args: argparse.Namespace) -> int:
     warnings: list[str] = []
-    cfg = load_config(args, warnings=warnings)
+    cfg = config_mod.load_args(args, warnings=warnings)
     sys.stdout.write(config_mod.render_show(cfg))
     for line in warnings:
         print(f"vipd: warning: {line} (vipd config check rejects this)", file=sys.stderr)

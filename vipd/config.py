@@ -12,6 +12,7 @@ Must never: touch the network, the kernel, or trio.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import os
@@ -27,10 +28,17 @@ from vipd.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------
 # Value parsers. Each takes the raw value (str from env/flags, any YAML scalar/list from the
-# file) and returns the typed value or raises ValueError("what is expected").
+# file) and returns the typed value or raises ValueError("what is expected"). Digits are ASCII
+# only: str.isdigit() and a plain \d also accept "٣" or "²", which int() then rejects or reads.
 # ---------------------------------------------------------------------------------------------
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$", re.ASCII)
+_INT_RE = re.compile(r"[+-]?\d+", re.ASCII)
+
+
+def _is_digits(s: str) -> bool:
+    """``s`` is one or more ASCII digits (str.isdigit() is true for any Unicode digit)."""
+    return s.isascii() and s.isdigit()
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -69,7 +77,7 @@ def parse_int(raw: Any, lo: int | None = None, hi: int | None = None) -> int:
     else:
         s = str(raw).strip()
         # Decimal only: the origin parsed "06443" as octal. Leading zeros are plain decimal here.
-        if not re.fullmatch(r"[+-]?\d+", s):
+        if not _INT_RE.fullmatch(s):
             raise ValueError("expected a whole number")
         value = int(s, 10)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -91,7 +99,8 @@ def _as_list(raw: Any) -> list[str]:
     if isinstance(raw, list | tuple):
         items: list[str] = []
         for item in raw:
-            items.extend(_as_list(item) if isinstance(item, str) else [str(item)])
+            if item is not None:  # an empty list entry (`- `) is no entry
+                items.extend(_as_list(item) if isinstance(item, str) else [str(item)])
         return items
     return [p for p in re.split(r"[,\s]+", str(raw).strip()) if p]
 
@@ -128,9 +137,13 @@ def parse_addresses(raw: Any) -> tuple[str, ...]:
             raise ValueError(
                 f"{item!r} is not an IP address; expected an IPv4 or IPv6 address, optionally with /prefix"
             ) from None
+        if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
+            raise ValueError(
+                f"{item!r} has a zone index; expected the address without %zone (the interface is vip.interface)"
+            )
         if prefix:
             maxlen = ip.max_prefixlen
-            if not prefix.isdigit() or not 0 < int(prefix) <= maxlen:
+            if not _is_digits(prefix) or not 0 < int(prefix) <= maxlen:
                 raise ValueError(f"{item!r} has a bad prefix; expected /1 to /{maxlen}")
         if ip.is_unspecified or ip.is_multicast or ip.is_loopback:
             raise ValueError(f"{item!r} cannot be a VIP; expected a unicast address")
@@ -141,7 +154,7 @@ def parse_addresses(raw: Any) -> tuple[str, ...]:
 def parse_subnet(raw: Any) -> tuple[int, int]:
     """kube-vip's ``vip_subnet``: ``32,128`` (IPv4 prefix, IPv6 prefix) or one number."""
     parts = _as_list(raw)
-    if not 1 <= len(parts) <= 2 or not all(p.isdigit() for p in parts):
+    if not 1 <= len(parts) <= 2 or not all(_is_digits(p) for p in parts):
         raise ValueError("expected IPv4 and IPv6 prefix lengths such as 32,128")
     v4 = int(parts[0])
     v6 = int(parts[1]) if len(parts) == 2 else 128
@@ -178,7 +191,12 @@ def parse_host_ports(raw: Any) -> tuple[str, ...]:
 
 
 def parse_listen(raw: Any) -> str:
-    """``host:port`` to listen on; ``:2112`` means every address; empty disables."""
+    """``IP:PORT`` to listen on (IPv6 as ``[::1]:2112``); ``:2112`` (kube-vip's
+    ``prometheus_server`` form) means every IPv4 address; empty disables.
+
+    The host must be an IP literal: a name would be resolved only at start, where a typo
+    (``999.1.1.1``) turns into a runtime failure instead of a configuration error.
+    """
     s = parse_str(raw)
     if not s or s.lower() in ("off", "none", "false"):
         return ""
@@ -187,8 +205,12 @@ def parse_listen(raw: Any) -> str:
     try:
         host, port = _split_host_port(s)
         parse_port(port)
+        ipaddress.ip_address(host)
     except ValueError:
-        raise ValueError("expected HOST:PORT such as 127.0.0.1:2112, :2112, or empty to disable") from None
+        raise ValueError(
+            "expected IP:PORT with an IP address as host, such as 127.0.0.1:2112, [::1]:2112, "
+            ":2112 (every address), or empty to disable"
+        ) from None
     return s
 
 
@@ -229,7 +251,7 @@ def parse_url_opt(raw: Any) -> str | None:
 
 def parse_loglevel(raw: Any) -> str:
     s = parse_str(raw).lower()
-    if s.isdigit():  # kube-vip's logrus numbers: 4 info, 5 debug
+    if _is_digits(s):  # kube-vip's logrus numbers: 4 info, 5 debug
         n = int(s)
         return "debug" if n >= 5 else "info" if n == 4 else "warning" if n == 3 else "error"
     if s == "warn":
@@ -408,7 +430,8 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("proxy.max_connections", lambda r: parse_int(r, 1, 1_000_000), 9000,
               "maximum proxied connections; beyond it accepting pauses", "--max-connections"),
     FieldSpec("status.listen", parse_listen, "127.0.0.1:2112",
-              "status/metrics HTTP endpoint; empty disables", "--status-listen",
+              "IP:PORT of the status/metrics HTTP endpoint (:PORT = every address); empty disables",
+              "--status-listen",
               kubevip_env=_kv("prometheus_server")),
     FieldSpec("log.format", parse_choice("json", "console"), "json", "log line format", "--log-format",
               choices=("json", "console")),
@@ -567,19 +590,63 @@ class Config:
 @dataclass
 class _Value:
     raw: Any
-    source: str  # "default", "file FILE", "env NAME", "flag --x"
+    source: str  # "file FILE", "env NAME", "flag --x"
     parse: Callable[[Any], Any] | None = None
 
 
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+# The file's sections: every dotted prefix of a field key (vip, election, election.etcd, ...).
+_SECTIONS: frozenset[str] = frozenset(
+    ".".join(parts[:i]) for parts in (f.key.split(".") for f in FIELDS) for i in range(1, len(parts))
+)
+
+
+def _section_children(section: str) -> list[str]:
+    names = {f.key[len(section) + 1:].split(".")[0] for f in FIELDS if f.key.startswith(section + ".")}
+    return sorted(names)
+
+
+def _flatten(data: Mapping[Any, Any], path: str, prefix: str = "") -> tuple[dict[str, Any], list[str]]:
+    """The file's nested mapping → ({dotted field key: value}, problems).
+
+    An empty value is unset, as if the line were not there: YAML reads ``node:`` with nothing
+    after it, and a section whose settings are all commented out (``proxy:`` alone), as null.
+    """
     out: dict[str, Any] = {}
+    problems: list[str] = []
     for k, v in data.items():
         key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and not any(f.key == key for f in FIELDS):
-            out.update(_flatten(v, key + "."))
+        if key in FIELDS_BY_KEY:
+            if v is not None:
+                out[key] = v
+        elif key in _SECTIONS:
+            if isinstance(v, Mapping):
+                sub, more = _flatten(v, path, key + ".")
+                out.update(sub)
+                problems += more
+            elif v is not None:
+                problems.append(
+                    f"{key} (file {path}): got {_show(v)}; expected a mapping of settings "
+                    f"({', '.join(_section_children(key))})"
+                )
         else:
-            out[key] = v
-    return out
+            near = difflib.get_close_matches(key, [*FIELDS_BY_KEY, *_SECTIONS], n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            problems.append(
+                f"{key} (file {path}): unknown setting; expected one of the keys in docs/configuration.md{hint}"
+            )
+    return out, problems
+
+
+def _yaml_error(exc: Exception) -> str:
+    """The parser's reason and position, on one line."""
+    mark = getattr(exc, "problem_mark", None)
+    if not isinstance(exc, yaml.MarkedYAMLError) or mark is None:
+        return " ".join(str(exc).split())
+    text = f"at line {mark.line + 1}, column {mark.column + 1}: {' '.join(str(exc.problem or '').split())}"
+    ctx = exc.context_mark
+    if exc.context and ctx is not None and (ctx.line, ctx.column) != (mark.line, mark.column):
+        text += f" ({' '.join(exc.context.split())} at line {ctx.line + 1}, column {ctx.column + 1})"
+    return text
 
 
 def read_file(path: str) -> tuple[dict[str, Any], list[str]]:
@@ -589,48 +656,85 @@ def read_file(path: str) -> tuple[dict[str, Any], list[str]]:
             data = yaml.safe_load(fh)
     except OSError as exc:
         return {}, [f"config file {path}: cannot be read ({exc.strerror or exc}); expected a readable YAML file"]
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        at = f" at line {where.line + 1}" if where else ""
-        return {}, [f"config file {path}: is not valid YAML{at}; expected a mapping of settings"]
     except UnicodeDecodeError:
         return {}, [f"config file {path}: is not UTF-8 text; expected a YAML file"]
+    except Exception as exc:
+        # Not only YAMLError: PyYAML's constructors raise plain ValueError, IndexError... for
+        # `node: 2020-13-01` or `node: !!int` (with nothing after it).
+        return {}, [f"config file {path}: is not valid YAML ({_yaml_error(exc)}); expected a mapping of settings"]
     if data is None:
         return {}, []
     if not isinstance(data, Mapping):
         return {}, [f"config file {path}: top level is {type(data).__name__}; expected a mapping of settings"]
-    flat = _flatten({str(k): v for k, v in data.items()})
-    problems = [
-        f"{key} (file {path}): unknown setting; expected one of the keys in docs/configuration.md"
-        for key in flat
-        if key not in FIELDS_BY_KEY
-    ]
-    return {k: v for k, v in flat.items() if k in FIELDS_BY_KEY}, problems
+    return _flatten(data, path)
 
 
-def _env_layer(environ: Mapping[str, str]) -> dict[str, _Value]:
-    """VIPD_* wins over the kube-vip names; within kube-vip names, the first listed wins."""
-    out: dict[str, _Value] = {}
+# kube-vip names that switch kube-vip's load balancer on or configure it; see _kubevip_lb_defaults.
+_KUBEVIP_NAMES = frozenset(e.name for f in FIELDS for e in f.kubevip_env)
+_KUBEVIP_LB_NAMES = frozenset(n for n in _KUBEVIP_NAMES if n.startswith("lb_")) | {"vip_addpeerstolb"}
+
+
+def _env_present(environ: Mapping[str, str], name: str) -> bool:
+    """A kube-vip name counts only when non-empty, as in kube-vip (``if env != ""``)."""
+    return environ.get(name, "") != ""
+
+
+def _env_layer(environ: Mapping[str, str]) -> dict[str, list[_Value]]:
+    """Every environment value per field, lowest precedence first: the kube-vip names (of
+    several, the first listed wins), then the ``VIPD_`` name. A list field joins its kube-vip
+    names (``vip_localpeer`` + ``vip_peers`` form the peer list)."""
+    out: dict[str, list[_Value]] = {}
     for spec in FIELDS:
+        present = [e for e in spec.kubevip_env if _env_present(environ, e.name)]
+        values: list[_Value]
+        if spec.kind == "list" and len(present) > 1:
+            values = [_Value(",".join(environ[e.name] for e in present),
+                             "env " + "+".join(e.name for e in present), present[0].parse)]
+        else:
+            values = [_Value(environ[e.name], f"env {e.name}", e.parse) for e in reversed(present)]
         if spec.vipd_env in environ:
-            out[spec.key] = _Value(environ[spec.vipd_env], f"env {spec.vipd_env}")
-            continue
-        for env in spec.kubevip_env:
-            if env.name in environ:
-                if spec.kind == "list" and spec.key in out:
-                    # vip_localpeer + vip_peers together form the peer list.
-                    prev = out[spec.key]
-                    prev.raw = f"{prev.raw},{environ[env.name]}"
-                    prev.source += f"+{env.name}"
-                    continue
-                out[spec.key] = _Value(environ[env.name], f"env {env.name}", env.parse)
-                if spec.kind != "list":
-                    break
+            values.append(_Value(environ[spec.vipd_env], f"env {spec.vipd_env}"))
+        if values:
+            out[spec.key] = values
     return out
+
+
+def _kubevip_lb_defaults(given: Mapping[str, list[_Value]], environ: Mapping[str, str]) -> dict[str, Any]:
+    """kube-vip's load-balancer defaults for an env block of kube-vip names, so it works unchanged.
+
+    kube-vip's ``lb_enable`` is off by default, and with it on in control-plane mode kube-vip
+    balances over the apiservers it finds through the API. So, when a kube-vip name is set and
+    nothing asks for backends (no ``proxy.backends`` or ``proxy.discovery`` from any source, no
+    ``vip_addpeerstolb``):
+    - no ``proxy.enabled`` from any source and no ``lb_*`` name at all → the proxy is off;
+    - ``lb_enable=true`` → discovery is ``kubernetes`` (the apiservers' EndpointSlices).
+    Returns {field key: value} to use in place of the defaults.
+    """
+    if not any(_env_present(environ, n) for n in _KUBEVIP_NAMES):
+        return {}
+    if "proxy.backends" in given or "proxy.discovery" in given or _env_present(environ, "vip_addpeerstolb"):
+        return {}
+    if "proxy.enabled" not in given:
+        return {} if any(_env_present(environ, n) for n in _KUBEVIP_LB_NAMES) else {"proxy.enabled": False}
+    if [v.source for v in given["proxy.enabled"]] == ["env lb_enable"]:
+        try:
+            on = parse_bool(environ["lb_enable"])
+        except ValueError:  # reported with the other values
+            return {}
+        return {"proxy.discovery": "kubernetes"} if on else {}
+    return {}
 
 
 def _default_node() -> str:
     return socket.gethostname() or "localhost"
+
+
+def _problem(spec: FieldSpec, val: _Value, exc: ValueError) -> str:
+    msg = str(exc)
+    if msg.startswith("'") and not spec.secret:  # the parser named the bad item itself
+        return f"{spec.key} ({val.source}): {msg}"
+    shown = "<redacted>" if spec.secret else _show(val.raw)
+    return f"{spec.key} ({val.source}): got {shown}; {msg}"
 
 
 def load(
@@ -649,38 +753,37 @@ def load(
     """
     environ = os.environ if environ is None else environ
     problems: list[str] = []
-    layer: dict[str, _Value] = {s.key: _Value(s.default, "default") for s in FIELDS}
+    given: dict[str, list[_Value]] = {}  # field key → every value given, lowest precedence first
 
     if file:
         data, file_problems = read_file(file)
         problems += file_problems
         for key, raw in data.items():
-            layer[key] = _Value(raw, f"file {file}")
-
-    layer.update(_env_layer(environ))
-
+            given.setdefault(key, []).append(_Value(raw, f"file {file}"))
+    for key, env_values in _env_layer(environ).items():
+        given.setdefault(key, []).extend(env_values)
     for key, raw in (flags or {}).items():
-        if raw is None:
-            continue
-        spec = FIELDS_BY_KEY[key]
-        layer[key] = _Value(raw, f"flag {spec.flag}")
+        if raw is not None:
+            given.setdefault(key, []).append(_Value(raw, f"flag {FIELDS_BY_KEY[key].flag}"))
 
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for spec in FIELDS:
-        val = layer[spec.key]
-        if val.source == "default":
-            values[spec.key] = spec.default
+        layers = given.get(spec.key)
+        if not layers:
+            values[spec.key], sources[spec.key] = spec.default, "default"
             continue
-        try:
-            values[spec.key] = (val.parse or spec.parse)(val.raw)
-        except ValueError as exc:
-            msg = str(exc)
-            if msg.startswith("'") and not spec.secret:  # the parser named the bad item itself
-                problems.append(f"{spec.key} ({val.source}): {msg}")
-            else:
-                shown = "<redacted>" if spec.secret else _show(val.raw)
-                problems.append(f"{spec.key} ({val.source}): got {shown}; {msg}")
-    sources = {k: v.source for k, v in layer.items()}
+        winner = layers[-1]
+        sources[spec.key] = winner.source
+        # Every layer is parsed: a bad value is reported even where a higher layer overrides it.
+        for val in layers:
+            try:
+                values[spec.key] = (val.parse or spec.parse)(val.raw)
+            except ValueError as exc:
+                over = "" if val is winner else f" (overridden by {winner.source})"
+                problems.append(_problem(spec, val, exc) + over)
+    for key, value in _kubevip_lb_defaults(given, environ).items():
+        values[key], sources[key] = value, "default for kube-vip names"
 
     # Two phases: every malformed value is reported at once; rules between fields are checked
     # (and all reported at once) when every value parsed, so one typo never yields a cascade.
@@ -694,10 +797,22 @@ def load(
     return _build(values, sources)
 
 
+def load_args(args: Any, *, require_vip: bool = True, warnings: list[str] | None = None) -> Config:
+    """``load`` from an argparse namespace built with ``add_flags`` (and ``--config``)."""
+    return load(file=getattr(args, "config", None), flags=collect_flags(args),
+                require_vip=require_vip, warnings=warnings)
+
+
+def _inline_yaml(value: Any) -> str:
+    """One line of YAML flow style; a scalar without the ``...`` document end marker."""
+    rendered = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return rendered.removesuffix("\n...").strip()
+
+
 def _show(raw: Any) -> str:
     if isinstance(raw, list | tuple) and len(raw) == 1:
         raw = raw[0]
-    s = raw if isinstance(raw, str) else yaml.safe_dump(raw, default_flow_style=True).strip()
+    s = raw if isinstance(raw, str) else _inline_yaml(raw)
     if len(s) > 80:
         s = s[:77] + "..."
     return repr(s)
@@ -724,18 +839,22 @@ def _cross_checks(v: dict[str, Any], sources: Mapping[str, str], problems: list[
             "(--address, VIPD_ADDRESS or vip_address)"
         )
     if have("vip.address", "vip.subnet"):
-        v4, v6 = v["vip.subnet"]
         for item in v["vip.address"]:
-            addr, _, prefix = item.partition("/")
-            ip = ipaddress.ip_address(addr)
-            if not prefix:
+            iface = _vip_interface(item, v["vip.subnet"])
+            net = iface.network
+            # A VIP is a host address: 10.0.0.0/8 names a network, 10.255.255.255/8 its broadcast
+            # (/31, /32, /127 and /128 have neither). The prefix may come from vip.subnet.
+            if net.num_addresses > 2 and iface.ip == net.network_address:
+                what = "network address"
+            elif net.num_addresses > 2 and iface.version == 4 and iface.ip == net.broadcast_address:
+                what = "broadcast address"
+            else:
                 continue
-            # An explicit prefix must suit the family (10.0.0.5/64 is a mistake, not a /64).
-            if int(prefix) > ip.max_prefixlen:
-                problems.append(f"{_src(sources, 'vip.address')}: {item!r} prefix does not fit IPv{ip.version}")
-        if sources.get("vip.subnet", "default") != "default":
-            if not 1 <= v4 <= 32 or not 1 <= v6 <= 128:
-                problems.append(f"{_src(sources, 'vip.subnet')}: prefix out of range")
+            via = "" if "/" in item else f" (prefix from {_src(sources, 'vip.subnet')})"
+            problems.append(
+                f"{_src(sources, 'vip.address')}: {str(iface)!r}{via} is the {what} of {net}; "
+                "expected a host address (a VIP is one address)"
+            )
     if have("proxy.enabled", "proxy.discovery", "proxy.backends", "proxy.peers"):
         if v["proxy.enabled"] and v["proxy.discovery"] == "static" and not v["proxy.backends"]:
             problems.append(
@@ -781,14 +900,17 @@ def _hostport(item: str) -> tuple[str, int]:
     return host, int(port, 10)
 
 
+def _vip_interface(item: str, subnet: tuple[int, int]) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+    """A parsed VIP item with its prefix: its own, else vip.subnet's for its family."""
+    addr, _, prefix = item.partition("/")
+    ip = ipaddress.ip_address(addr)
+    plen = int(prefix) if prefix else subnet[0 if ip.version == 4 else 1]
+    return ipaddress.ip_interface(f"{addr}/{plen}")
+
+
 def _build(v: dict[str, Any], sources: Mapping[str, str]) -> Config:
     v4, v6 = v["vip.subnet"]
-    vips = []
-    for item in v["vip.address"]:
-        addr, _, prefix = item.partition("/")
-        ip = ipaddress.ip_address(addr)
-        plen = int(prefix) if prefix else (v4 if ip.version == 4 else v6)
-        vips.append(Vip(ipaddress.ip_interface(f"{addr}/{plen}")))
+    vips = [Vip(_vip_interface(item, (v4, v6))) for item in v["vip.address"]]
     peers = []
     for item in v["proxy.peers"]:
         ident, _, rest = item.partition(":")
@@ -902,10 +1024,7 @@ def render_show(cfg: Config) -> str:
         for depth in range(common, len(parts) - 1):
             lines.append("  " * depth + parts[depth] + ":")
         open_path = parts[:-1]
-        rendered = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
-        if rendered.endswith("\n..."):
-            rendered = rendered[: -len("\n...")]
-        rendered = rendered.removesuffix("...").strip()
+        rendered = _inline_yaml(value)
         source = cfg.sources.get(key, "default")
         lines.append(f"{'  ' * (len(parts) - 1)}{parts[-1]}: {rendered}  # {source}")
     return "\n".join(lines) + "\n"

@@ -27,6 +27,14 @@ def _one_line(text: str) -> str:
     )
 
 
+def leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    """The exceptions inside a (nested) exception group, in order."""
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
 class NetlinkError(VipdError):
     """A netlink operation (address add/remove, link lookup) failed."""
 

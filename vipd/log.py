@@ -2,8 +2,8 @@
 
 Owns: the processor chain (``ts`` RFC 3339 UTC with milliseconds, ``level``, ``event``,
 ``logger``, ``node``, event fields), routing of standard-library logging (aiohttp,
-kubernetes-asyncio, pyroute2, trio-asyncio) through the same renderer, and redaction of
-fields that could carry secrets.
+kubernetes-asyncio, pyroute2, trio-asyncio, scapy) and of ``warnings.warn`` through the same
+renderer, and redaction of fields that could carry secrets.
 
 Must never: log a secret (tokens, passwords, private keys), or import other vipd modules.
 """
@@ -91,14 +91,34 @@ def configure(*, fmt: str = "json", level: str = "info", node: str = "", stream:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(lvl)
-    try:  # pyroute2 resets its own logger's level when first imported: import it first
-        import pyroute2  # noqa: F401
-    except ImportError:  # pragma: no cover
-        pass
+    _route_libraries_to_root()
     # Libraries are chatty at debug; keep them at warning unless vipd itself is at debug.
     for noisy in ("asyncio", "aiohttp", "kubernetes_asyncio", "pyroute2", "trio_asyncio", "httpx", "httpcore",
-                  "scapy", "scapy.runtime", "hpack"):
+                  "scapy", "scapy.runtime", "scapy.loading", "scapy.interactive", "hpack"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if lvl <= logging.DEBUG and noisy != "hpack" else logging.WARNING)
+
+
+def _route_libraries_to_root() -> None:
+    """Make libraries that write around the root logger write through it (so, as JSON).
+
+    Each is imported first, because importing it (re)installs what is undone here: pyroute2
+    resets its logger's level, and scapy gives its ``scapy`` logger a stderr handler of its
+    own and ``propagate = False``. ``warnings.warn`` from libraries prints plain text on
+    stderr unless captured into the ``py.warnings`` logger.
+    """
+    try:
+        import pyroute2  # noqa: F401
+        import scapy.error  # noqa: F401
+    except ImportError:  # pragma: no cover
+        pass
+    for name in ("scapy", "scapy.runtime", "scapy.loading", "scapy.interactive"):
+        lib = logging.getLogger(name)
+        for old in list(lib.handlers):
+            lib.removeHandler(old)
+        lib.propagate = True
+    # Off then on: a second configure() (or a test harness that swapped showwarning) re-installs it.
+    logging.captureWarnings(False)
+    logging.captureWarnings(True)
 
 
 def get(name: str) -> Any:

@@ -350,9 +350,7 @@ def kubeadm_join_config(args: argparse.Namespace) -> Config:
 
 
 def cmd_manifest_pod(args: argparse.Namespace) -> int:
-    from vipd.cli import load_config
-
-    cfg = load_config(args)
+    cfg = config_mod.load_args(args)
     sys.stdout.write(render(build_pod(cfg, image=args.image, bootstrap=args.bootstrap), bootstrap=args.bootstrap))
     return 0
 

@@ -292,7 +292,7 @@ async def resolve_interface(cfg: Config, kernel: Kernel) -> tuple[str, int]:
     by_name = {name: index for index, (name, _flags) in links.items()}
     if cfg.vip.interface:
         if cfg.vip.interface not in by_name:
-            known = ", ".join(sorted(n for n in by_name if n != "lo")) or "(none)"
+            known = ", ".join(sorted(n for n in by_name if n)) or "(none)"  # lo too: it exists
             raise ConfigError([
                 f"vip.interface ({cfg.sources.get('vip.interface', 'default')}): "
                 f"{cfg.vip.interface!r} does not exist; expected one of {known}"
