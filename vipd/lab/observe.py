@@ -4,8 +4,9 @@ Owns: ``HolderSampler`` — one rtnetlink socket per node namespace (opened insi
 then used from one thread), an ``RTM_GETADDR`` dump per namespace per sample, and the record
 of every sample with more than one holder; ``ClientProbe`` — from the client namespace, a
 non-blocking TCP connect to VIP:port started every 20 ms, each with its own deadline, so one
-hung attempt never delays the next; outage = the longest gap between the starts of two
-consecutive successful attempts.
+hung attempt never delays the next; outage = the longest gap between two consecutive
+successful connects (when each completed: an attempt whose SYN was lost and retransmitted a
+second later succeeds a second late, and must not count as a success at the time it started).
 
 Must never: write to the kernel (dump requests only), or send traffic anywhere but the VIP.
 Times are ``time.monotonic()`` seconds, comparable across both observers.
@@ -244,12 +245,13 @@ class ClientProbe:
     # --- reading the record -------------------------------------------------------------------
 
     def outage(self, t0: float, t1: float) -> float:
-        """Longest gap between starts of consecutive successful attempts that overlaps [t0, t1].
+        """Longest gap between consecutive successful connects (completion times) that
+        overlaps [t0, t1].
 
         In steady state this is the probe interval (20 ms); it counts from the last success
         before the event to the first success after it.
         """
-        oks = sorted(a.t for a in list(self.attempts) if a.ok)
+        oks = sorted(a.t + a.took for a in list(self.attempts) if a.ok)
         worst = 0.0
         for a, b in zip(oks, oks[1:], strict=False):
             if b >= t0 and a <= t1:
