@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.fault, pytest.mark.netns, pytest.mark.etcd, pytest.mar
     # itself. Every layer that would make it let go is removed (the kernel lifetime too,
     # which would otherwise still expire without renewals).
     ("leader-etcd-cut", ("step-down", "userspace-fence", "kernel-lifetime")),
-])
+], ids=["sigstop-without-kernel-lifetime", "etcd-cut-without-any-fence"])
 def test_split_brain_is_reported_without_the_protection(name: str, removed: tuple[str, ...]) -> None:
     need_vipd()
     with Lab(kind="vipd", vipd=broken_vipd.command(*removed)) as lab:
