@@ -2,7 +2,8 @@
 
 Owns: building and tearing down the lab network (``net``), the real etcd it elects with
 (``etcd``), the HTTPS apiserver stand-ins (``apiserver``), the daemons under test (vipd or
-keepalived, ``daemons``), the observers (``observe``: VIP holder sampler, client probe), the
+keepalived, ``daemons``), the observers (``watch``: the VIP holder watcher process;
+``observe``: its reader and the client probe), the
 failover bounds (``bounds``), the demo story (``story``) and ``vipd lab`` (``cli``).
 
 Must never: add an address, route or link in the root network namespace, send traffic to

@@ -22,7 +22,6 @@ def _say(msg: str) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from vipd.lab.bounds import Bounds
     from vipd.lab.daemons import missing_vipd_pieces
     from vipd.lab.lab import Lab
 
@@ -32,7 +31,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         lab.up()
         if lab.fleet:
-            holder = lab.wait_single_holder(Bounds.defaults().first_leader)
+            holder = lab.wait_single_holder(lab.bounds().first_leader)
             _say(f"VIP {lab.vip} held by: {holder or 'nobody yet'}")
         if lab.sampler:
             lab.sampler.stop()
@@ -67,7 +66,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from vipd.lab.lab import recorded_labs
     from vipd.lab.nsutil import namespaces
-    from vipd.lab.observe import HolderSampler
+    from vipd.lab.watch import holders_now
 
     labs = recorded_labs()
     if not labs:
@@ -83,11 +82,7 @@ def cmd_status(args: argparse.Namespace) -> int:
              f"processes alive: {len(alive)}/{len(s.get('pids', []))}")
         nodes = {n: ns for n, ns in s.get("nodes", {}).items() if ns in present}
         if nodes:
-            sampler = HolderSampler(nodes, s.get("vip", "10.251.72.100"))
-            try:
-                holders = sampler.sample_once().holders
-            finally:
-                sampler.stop()
+            holders = holders_now(nodes, s.get("vip", "10.251.72.100"))
             _say(f"  VIP {s.get('vip')} held by: {', '.join(holders) or 'nobody'}")
     return 0
 
@@ -110,6 +105,9 @@ def _guard(func):
         except LabError as exc:
             print(f"vipd lab: {exc}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:  # the lab cleaned up on the way out (Lab.down)
+            print("vipd lab: interrupted; the lab was removed", file=sys.stderr)
+            return 130
 
     return run
 
@@ -128,7 +126,9 @@ def register_cli(subparsers, config_args=None) -> None:
     q = sub.add_parser("status", help="show recorded labs and who holds the VIP")
     q.set_defaults(func=_guard(cmd_status))
     q = sub.add_parser("demo", help="the failover story: SIGKILL and SIGTERM of the leader, measured")
-    q.add_argument("--keep-logs", metavar="DIR", help="copy the daemons' logs here before clean-up")
+    q.add_argument("--keep-logs", metavar="DIR",
+                   help="copy the lab's logs here before clean-up (a run that fails keeps them anyway, "
+                        "under $VIPD_LAB_LOGS or /var/tmp/vipd-lab-logs)")
     q.add_argument("--daemon", choices=("vipd", "keepalived"), default="vipd",
                    help="tell the story with vipd (default) or keepalived for comparison")
     q.set_defaults(func=_guard(cmd_demo))

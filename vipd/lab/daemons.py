@@ -2,7 +2,8 @@
 
 Owns: each daemon's command line (``vipd start`` with the lab's VIP, etcd and the three
 apiserver stand-ins as backends; keepalived with VRRP ``advert_int 1`` and otherwise its
-defaults), starting and stopping them per node, and the check of which vipd pieces this
+defaults; the program that runs as vipd is a parameter, so a test can put a deliberately broken
+vipd in its place), starting and stopping them per node (all at once on clean-up), and the check of which vipd pieces this
 build still lacks (so the suite can say exactly why it skips).
 
 Must never: hide a daemon's failure: a daemon that exits on its own is reported with its
@@ -14,13 +15,31 @@ from __future__ import annotations
 import importlib.util
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from vipd.lab.net import IFACE, NODE_IPS, VIP
-from vipd.lab.procs import LabProcess
+from vipd.lab.procs import LabProcess, stop_all
 
 PROXY_PORT = 6443
 BACKEND_PORT = 6444
+STOP_GRACE = 12.0  # clean-up: vipd's graceful stop (shutdown timeout) plus margin, then SIGKILL
+VIPD = (sys.executable, "-m", "vipd")  # how the lab runs vipd (tests run a broken one instead)
+ETCD_PREFIX = "/vipd-lab/"
+
+
+def vipd_args(node: str, etcd_url: str, *, proxy: bool = True, extra: Sequence[str] = ()) -> list[str]:
+    """The arguments of ``vipd`` on one lab node (``start`` and its flags)."""
+    args = ["start", "--node", node, "--address", VIP, "--interface", IFACE, "--election", "etcd",
+            "--etcd-endpoint", etcd_url, "--etcd-prefix", ETCD_PREFIX, "--log-format", "json",
+            "--status-listen", "127.0.0.1:2112"]
+    if proxy:
+        args += ["--proxy", "--lb-port", str(PROXY_PORT), "--health-check", "https"]
+        for ip in NODE_IPS.values():
+            args += ["--backend", f"{ip}:{BACKEND_PORT}"]
+    else:
+        args += ["--no-proxy"]
+    return args + list(extra)
 
 
 def missing_vipd_pieces() -> list[str]:
@@ -73,13 +92,13 @@ class Fleet:
     def wait_exit(self, node: str, timeout: float) -> int | None:
         return self.procs[node].wait(timeout)
 
-    def stop(self, node: str, grace: float = 12.0) -> None:
+    def stop(self, node: str, grace: float = STOP_GRACE) -> None:
         if node in self.procs:
             self.procs[node].stop(grace)
 
-    def stop_all(self) -> None:
-        for node in list(self.procs):
-            self.stop(node)
+    def stop_all(self, grace: float = STOP_GRACE) -> None:
+        """Every node at once (SIGTERM to all, one shared grace period)."""
+        stop_all(self.procs.values(), grace)
 
     def pids(self) -> dict[str, int]:
         return {n: p.pid for n, p in self.procs.items() if p.pid is not None and p.running}
@@ -89,22 +108,15 @@ class VipdFleet(Fleet):
     kind = "vipd"
 
     def __init__(self, nodes: dict[str, str], directory: Path, etcd_url: str, *, proxy: bool = True,
-                 extra: tuple[str, ...] = ()):
+                 extra: Sequence[str] = (), vipd: Sequence[str] = VIPD):
         super().__init__(nodes, directory)
-        self.etcd_url, self.proxy, self.extra = etcd_url, proxy, extra
+        self.etcd_url, self.proxy, self.extra, self.vipd = etcd_url, proxy, tuple(extra), tuple(vipd)
+
+    def args(self, node: str) -> list[str]:
+        return vipd_args(node, self.etcd_url, proxy=self.proxy, extra=self.extra)
 
     def command(self, node: str) -> list[str]:
-        cmd = [sys.executable, "-m", "vipd", "start", "--node", node, "--address", VIP,
-               "--interface", IFACE, "--election", "etcd", "--etcd-endpoint", self.etcd_url,
-               "--etcd-prefix", "/vipd-lab/", "--log-format", "json",
-               "--status-listen", "127.0.0.1:2112"]
-        if self.proxy:
-            cmd += ["--proxy", "--lb-port", str(PROXY_PORT), "--health-check", "https"]
-            for ip in NODE_IPS.values():
-                cmd += ["--backend", f"{ip}:{BACKEND_PORT}"]
-        else:
-            cmd += ["--no-proxy"]
-        return cmd + list(self.extra)
+        return [*self.vipd, *self.args(node)]
 
 
 KEEPALIVED_PRIORITY = {"n1": 150, "n2": 100, "n3": 50}

@@ -2,12 +2,15 @@
 
 Owns: the lab's life cycle (``Lab.up`` / ``Lab.down``), its directory (logs, TLS, configs,
 etcd data), the state file under /run/vipd-lab/ that lets ``vipd lab down`` clean up a lab
-whose owner was killed, turning SIGTERM/SIGHUP into an orderly clean-up while the lab runs,
-and the queries the scenarios need ("who leads", "ask the VIP as a client").
+whose owner was killed, turning SIGTERM/SIGHUP into an orderly clean-up while the lab runs
+(and holding off SIGINT/SIGTERM/SIGHUP while the clean-up itself runs, so a second Ctrl-C
+cannot cut it short), keeping the logs when something failed (``save_logs``), and the
+queries the scenarios need ("who leads", "ask the VIP as a client").
 
 Must never: leave anything behind on any exit path: ``down`` kills every process still in the
 lab's namespaces (only those: the namespaces are the lab's own), deletes the namespaces and
-removes the directory, and is safe to call twice.
+removes the directory, and is safe to call twice. Logs are copied out before, never lost
+with the directory when the lab failed.
 """
 
 from __future__ import annotations
@@ -23,17 +26,29 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vipd.lab import apiserver
-from vipd.lab.daemons import BACKEND_PORT, PROXY_PORT, Fleet, KeepalivedFleet, VipdFleet
-from vipd.lab.etcd import EtcdServer
+from vipd.lab.daemons import BACKEND_PORT, PROXY_PORT, VIPD, Fleet, KeepalivedFleet, VipdFleet
+from vipd.lab.etcd import EtcdServer, etcd_binary
 from vipd.lab.net import ETCD_IP, NODE_IPS, SUBNET, VIP, LabNet
 from vipd.lab.nsutil import LabError, namespaces, ns_run, run
 from vipd.lab.observe import ClientProbe, HolderSampler
-from vipd.lab.procs import LabProcess, wait_until
+from vipd.lab.procs import LabProcess, stop_all, wait_until
+
+if TYPE_CHECKING:
+    from vipd.lab.bounds import Bounds
 
 STATE_DIR = Path("/run/vipd-lab")
 PREFIX_STEM = "vl"
+# Where a failed lab's logs are kept (override with VIPD_LAB_LOGS); one directory per lab.
+LOGS_HOME = Path("/var/tmp/vipd-lab-logs")
+KEPT = ("*.log", "*.conf")  # what save_logs copies (never TLS keys or etcd data)
+HELD_OFF = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def logs_home() -> Path:
+    return Path(os.environ.get("VIPD_LAB_LOGS") or LOGS_HOME)
 
 
 def new_prefix() -> str:
@@ -55,28 +70,42 @@ class Lab:
     """``with Lab(kind="vipd") as lab:`` builds everything; leaving the block removes it."""
 
     def __init__(self, kind: str = "vipd", *, prefix: str | None = None, vipd_extra: tuple[str, ...] = (),
-                 proxy: bool = True, progress=None):
+                 vipd: tuple[str, ...] = VIPD, proxy: bool = True, progress=None,
+                 keep_logs: Path | None = None):
+        """``vipd``: the program run as vipd on the nodes (``sys.executable -m vipd``; tests put
+        a deliberately broken one here); ``keep_logs``: copy the logs there on ``down``."""
         if os.geteuid() != 0:
             raise LabError("the lab needs root (network namespaces)")
         if kind not in ("vipd", "keepalived", "none"):
             raise LabError(f"unknown daemon kind {kind!r}")
+        if kind == "vipd":
+            etcd_binary()  # fails (naming the package) before anything is made
         self.kind = kind
         self.prefix = prefix or new_prefix()
         self.net = LabNet(self.prefix)
-        self.dir = Path(tempfile.mkdtemp(prefix=f"vipd-lab-{self.prefix}-"))
         self.progress = progress or (lambda msg: None)
         self.node_ns = {n: self.net.ns(n) for n in self.net.nodes}
-        self.etcd = EtcdServer(self.net.ns("etcd"), ETCD_IP, self.dir)
         self.standins: dict[str, LabProcess] = {}
+        self.etcd: EtcdServer | None = None
         self.fleet: Fleet | None = None
-        if kind == "vipd":
-            self.fleet = VipdFleet(self.node_ns, self.dir, self.etcd.url, proxy=proxy, extra=vipd_extra)
-        elif kind == "keepalived":
-            self.fleet = KeepalivedFleet(self.node_ns, self.dir)
         self.sampler: HolderSampler | None = None
         self.vip = VIP
+        self.keep_logs = keep_logs
+        self.failed = False  # set by whoever judged the lab; down() then keeps the logs
+        self.saved_logs: Path | None = None
         self._old_handlers: dict[int, object] = {}
         self._down = False
+        self.dir = Path(tempfile.mkdtemp(prefix=f"vipd-lab-{self.prefix}-"))  # last, and undone on error
+        try:
+            if kind == "vipd":
+                self.etcd = EtcdServer(self.net.ns("etcd"), ETCD_IP, self.dir)
+                self.fleet = VipdFleet(self.node_ns, self.dir, self.etcd.url, proxy=proxy, extra=vipd_extra,
+                                       vipd=vipd)
+            elif kind == "keepalived":
+                self.fleet = KeepalivedFleet(self.node_ns, self.dir)
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
 
     # --- life cycle ----------------------------------------------------------------------------
 
@@ -89,7 +118,9 @@ class Lab:
             raise
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:
+            self.failed = True
         self.down()
 
     def _trap_signals(self) -> None:
@@ -114,13 +145,14 @@ class Lab:
         _, cert, key = apiserver.write_tls(self.dir, [*NODE_IPS.values(), VIP])
         for node in self.node_ns:
             self.start_standin(node, cert, key)
-        if self.kind == "vipd":
+        if self.etcd is not None:
             self.progress(f"etcd at {self.etcd.url}")
             self.etcd.start()
         for node in self.node_ns:
             if not wait_until(lambda n=node: self.standin_answers(n), 15, 0.1):
                 raise LabError(f"apiserver stand-in on {node} does not answer; see {self.standins[node].log_path}")
-        self.sampler = HolderSampler(self.node_ns, VIP).start()
+        self.sampler = HolderSampler(self.node_ns, VIP, self.net.switch, self.dir / "watch.log").start()
+        self._write_state()
         if self.fleet:
             self.progress(f"starting {self.kind} on {', '.join(self.node_ns)}; logs: {self.dir}/{self.kind}-n*.log")
             self.fleet.start_all()
@@ -136,30 +168,76 @@ class Lab:
         self._write_state()
 
     def down(self) -> list[str]:
-        """Remove everything; returns what could not be removed (empty when clean)."""
+        """Remove everything; returns what could not be removed (empty when clean).
+
+        SIGINT, SIGTERM and SIGHUP are held off until it is done (noted, not acted on): the
+        clean-up runs to the end however often Ctrl-C is pressed. The daemons stop together;
+        then the logs are kept if the lab failed or ``keep_logs`` asks for them.
+        """
         if self._down:
             return []
         self._down = True
-        if self.sampler:
-            with contextlib.suppress(LabError):
-                self.sampler.stop()
-        if self.fleet:
-            self.fleet.stop_all()
-        for p in self.standins.values():
-            p.stop(2)
-        self.etcd.stop()
-        left = teardown(self.prefix, self.dir)
-        for sig, handler in self._old_handlers.items():
-            signal.signal(sig, handler)
+        held = self._hold_off_signals()
+        self.progress(f"cleaning up lab {self.prefix}")
+        try:
+            try:
+                if self.sampler:
+                    with contextlib.suppress(LabError):
+                        self.sampler.stop()
+                if self.fleet:
+                    self.fleet.stop_all()
+                stop_all([*self.standins.values(), *([self.etcd.process] if self.etcd else [])], 2)
+            finally:
+                if self.failed or self.keep_logs:
+                    with contextlib.suppress(OSError):
+                        self.save_logs(self.keep_logs)
+                        self.progress(f"logs kept in {self.saved_logs}")
+                left = teardown(self.prefix, self.dir)
+        finally:
+            for sig, handler in {**held, **self._old_handlers}.items():
+                signal.signal(sig, handler)
         return left
+
+    def _hold_off_signals(self) -> dict[int, object]:
+        """Replace the handlers of HELD_OFF by one that only notes the signal; returns the old."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def note(signum, frame):
+            self.progress(f"signal {signum} while cleaning up: finishing the clean-up first")
+
+        return {sig: signal.signal(sig, note) for sig in HELD_OFF}
+
+    def save_logs(self, dest: Path | None = None) -> Path:
+        """Copy the lab's logs (and daemon configs) to ``dest`` (default: one directory per lab
+        under ``logs_home()``), overwriting an earlier copy; returns where."""
+        dest = dest or logs_home() / f"vipd-lab-{self.prefix}"
+        dest.mkdir(parents=True, exist_ok=True)
+        for pattern in KEPT:
+            for path in self.dir.glob(pattern):
+                shutil.copy(path, dest / path.name)
+        self.saved_logs = dest
+        return dest
+
+    def bounds(self) -> Bounds:
+        """The bounds for this lab's vipd nodes, from the flags they actually run with."""
+        from vipd.lab.bounds import Bounds
+
+        if isinstance(self.fleet, VipdFleet):
+            return Bounds.for_vipd_args(self.fleet.args(next(iter(self.node_ns))))
+        return Bounds.defaults()
 
     def _write_state(self) -> None:
         STATE_DIR.mkdir(parents=True, exist_ok=True)
         pids = [p.pid for p in self.standins.values() if p.pid]
         if self.fleet:
             pids += list(self.fleet.pids().values())
-        if self.etcd.process.pid:
+        if self.etcd is not None and self.etcd.process.pid:
             pids.append(self.etcd.process.pid)
+        if self.sampler is not None and self.sampler.pid:
+            pids.append(self.sampler.pid)
         state = {"prefix": self.prefix, "dir": str(self.dir), "kind": self.kind, "owner": os.getpid(),
                  "namespaces": self.net.all_namespaces(), "pids": pids, "vip": VIP,
                  "nodes": self.node_ns, "created": time.time()}
@@ -202,7 +280,8 @@ class Lab:
         out = {}
         if self.fleet:
             out.update({f"{self.kind} {n}": self.fleet.log_path(n) for n in self.node_ns})
-        out["etcd"] = self.etcd.process.log_path
+        if self.etcd is not None:
+            out["etcd"] = self.etcd.process.log_path
         return out
 
 

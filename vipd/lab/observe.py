@@ -1,140 +1,180 @@
-"""Observers: who holds the VIP (every few ms, in every node namespace) and what a client sees.
+"""Observers: who holds the VIP (in every node namespace, no change missed) and what a client sees.
 
-Owns: ``HolderSampler`` — one rtnetlink socket per node namespace (opened inside it once,
-then used from one thread), an ``RTM_GETADDR`` dump per namespace per sample, and the record
-of every sample with more than one holder; ``ClientProbe`` — from the client namespace, a
-non-blocking TCP connect to VIP:port started every 20 ms, each with its own deadline, so one
-hung attempt never delays the next; outage = the longest gap between the starts of two
-consecutive successful attempts.
+Owns: ``HolderSampler`` — the lab-side half of the holder watcher (``watch``): it starts the
+watcher process in the switch namespace, reads its records into a time-ordered record of
+``Sample``s (periodic dumps every 5 ms and the state after every address event, in kernel
+order), and answers questions about that record (split brain in a window, longest gap
+between dumps, whether the event stream lost anything, waiting for a holder condition);
+``ClientProbe`` — from the client namespace, a non-blocking TCP connect to VIP:port started
+every 20 ms, each with its own deadline, so one hung attempt never delays the next;
+outage = the longest gap between two consecutive successful connects (when each completed:
+an attempt whose SYN was lost and retransmitted a second later succeeds a second late, and
+must not count as a success at the time it started).
 
-Must never: write to the kernel (dump requests only), or send traffic anywhere but the VIP.
-Times are ``time.monotonic()`` seconds, comparable across both observers.
+Must never: write to the kernel, or send traffic anywhere but the VIP.
+Times are ``time.monotonic()`` seconds, comparable across both observers and the watcher.
 """
 
 from __future__ import annotations
 
+import bisect
 import errno
 import selectors
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from vipd.lab import nsutil
 
-NETLINK_ROUTE = 0
-RTM_NEWADDR, RTM_GETADDR = 20, 22
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-IFA_ADDRESS, IFA_LOCAL = 1, 2
-_NLMSGHDR = struct.Struct("=IHHII")
-_IFADDRMSG = struct.Struct("=BBBBI")
-_RTATTR = struct.Struct("=HH")
-
-
-def _ipv4_addresses(sock: socket.socket, seq: int) -> set[bytes]:
-    """One RTM_GETADDR dump (IPv4) on ``sock``: the set of local addresses, packed."""
-    body = _IFADDRMSG.pack(socket.AF_INET, 0, 0, 0, 0)
-    sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
-    found: set[bytes] = set()
-    while True:
-        data = sock.recv(65536)
-        off = 0
-        while off + _NLMSGHDR.size <= len(data):
-            length, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(data, off)
-            if length < _NLMSGHDR.size:
-                raise nsutil.LabError("netlink: malformed message")
-            if mseq == seq:
-                if mtype == NLMSG_DONE:
-                    return found
-                if mtype == NLMSG_ERROR:
-                    (code,) = struct.unpack_from("=i", data, off + _NLMSGHDR.size)
-                    if code:
-                        raise nsutil.LabError(f"netlink dump failed: {errno.errorcode.get(-code, code)}")
-                if mtype == RTM_NEWADDR:
-                    a = off + _NLMSGHDR.size + _IFADDRMSG.size
-                    end = off + length
-                    while a + _RTATTR.size <= end:
-                        alen, atype = _RTATTR.unpack_from(data, a)
-                        if alen < _RTATTR.size:
-                            break
-                        if atype in (IFA_LOCAL, IFA_ADDRESS):
-                            found.add(bytes(data[a + 4 : a + alen]))
-                        a += (alen + 3) & ~3
-            off += (length + 3) & ~3
+DUMP_EVERY = 0.005  # the watcher's dump interval
+DUMP_BOUND = 0.010  # issue 7: "a sampler checks every <= 10 ms"
 
 
 @dataclass
 class Sample:
     t: float
     holders: tuple[str, ...]
+    kind: str = "dump"  # "dump": a periodic dump; "event": the state after an address event
+
+
+def nsids(switch: str, namespaces: dict[str, str]) -> dict[str, int]:
+    """The nsid of each node namespace as seen from the switch namespace (assigning missing ones)."""
+    def listed() -> dict[str, int]:
+        out = nsutil.run(["ip", "-n", switch, "netns", "list-id"]).stdout
+        ids = {}
+        for line in out.splitlines():  # "nsid 0 (iproute2 netns name: vl12ab-n1)"
+            words = line.replace("(", " ").replace(")", " ").split()
+            if len(words) >= 2 and words[0] == "nsid" and words[-1] in namespaces.values():
+                ids[words[-1]] = int(words[1])
+        return ids
+
+    ids = listed()
+    for ns in namespaces.values():
+        if ns not in ids:
+            nsutil.run(["ip", "-n", switch, "netns", "set", ns, "auto"])
+    ids = listed()
+    missing = [ns for ns in namespaces.values() if ns not in ids]
+    if missing:
+        raise nsutil.LabError(f"no nsid for {', '.join(missing)} in {switch}")
+    return {node: ids[ns] for node, ns in namespaces.items()}
 
 
 @dataclass
 class HolderSampler:
-    """Samples, every ``interval`` seconds, which node namespaces hold ``vip``."""
+    """Which node namespaces hold ``vip``: dumps every 5 ms plus every address event."""
 
     namespaces: dict[str, str]  # node → namespace name
     vip: str
-    interval: float = 0.005
+    switch: str  # the namespace the watcher runs in (listens to all node namespaces from there)
+    log_path: Path
+    interval: float = DUMP_EVERY
     samples: list[Sample] = field(default_factory=list)
-    max_gap: float = 0.0  # longest time between two samples (the sampler's own stalls)
-    _stop: threading.Event = field(default_factory=threading.Event)
+    overruns: list[float] = field(default_factory=list)  # times the event queue overflowed
+    realtime: bool = False  # the watcher got SCHED_FIFO
+    ended: float | None = None  # when the watcher's output ended
+    _times: list[float] = field(default_factory=list)
+    _proc: subprocess.Popen | None = None
     _thread: threading.Thread | None = None
     _error: BaseException | None = None
 
-    def __post_init__(self) -> None:
-        self._vip = socket.inet_aton(self.vip)
-        self._socks: dict[str, socket.socket] = {}
+    def start(self, timeout: float = 10.0) -> HolderSampler:
+        ids = nsids(self.switch, self.namespaces)
+        cmd = ["ip", "netns", "exec", self.switch, sys.executable, "-m", "vipd.lab.watch",
+               "--vip", self.vip, "--interval", str(self.interval)]
         for node, ns in self.namespaces.items():
-            with nsutil.entered(ns):
-                self._socks[node] = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
-        self._seq = 0
-
-    def sample_once(self) -> Sample:
-        holders = []
-        for node, sock in self._socks.items():
-            self._seq += 1
-            if self._vip in _ipv4_addresses(sock, self._seq):
-                holders.append(node)
-        return Sample(time.monotonic(), tuple(holders))
-
-    def start(self) -> HolderSampler:
-        self._thread = threading.Thread(target=self._loop, name="holder-sampler", daemon=True)
+            cmd += ["--node", f"{node}={ns}={ids[node]}"]
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                          stderr=log, start_new_session=True)
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._read, args=(ready,), name="holder-reader", daemon=True)
         self._thread.start()
+        if not ready.wait(timeout) or self.ended is not None:
+            self.stop()
+            raise nsutil.LabError(f"holder watcher did not start; see {self.log_path}")
         return self
 
-    def _loop(self) -> None:
+    def _read(self, ready: threading.Event) -> None:
+        nodes = list(self.namespaces)
+        assert self._proc is not None and self._proc.stdout is not None
         try:
-            last = None
-            while not self._stop.is_set():
-                s = self.sample_once()
-                self.samples.append(s)
-                if last is not None:
-                    self.max_gap = max(self.max_gap, s.t - last)
-                last = s.t
-                self._stop.wait(self.interval)
-        except BaseException as exc:  # surfaced by stop()
+            for line in self._proc.stdout:
+                kind, t_text, *rest = line.split()
+                t = float(t_text)
+                if kind in (b"D", b"E"):
+                    mask = int(rest[0])
+                    s = Sample(t, tuple(n for i, n in enumerate(nodes) if mask >> i & 1),
+                               "dump" if kind == b"D" else "event")
+                    self._times.append(t)  # times first: readers bisect on them, then index samples
+                    self.samples.append(s)
+                elif kind == b"O":
+                    self.overruns.append(t)
+                elif kind == b"R":
+                    self.realtime = rest[0] == b"1"
+                    ready.set()
+        except BaseException as exc:  # surfaced by stop() and wait_for()
             self._error = exc
+        finally:
+            self.ended = time.monotonic()
+            ready.set()
 
     def stop(self) -> None:
-        self._stop.set()
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(5)
         if self._thread:
             self._thread.join(5)
-        for sock in self._socks.values():
-            sock.close()
+        if self._proc is not None and self._proc.stdout is not None:
+            self._proc.stdout.close()
         if self._error:
-            raise nsutil.LabError(f"sampler failed: {self._error}") from self._error
+            raise nsutil.LabError(f"holder watcher failed: {self._error}") from self._error
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def alive(self) -> bool:
+        return self.ended is None and self._error is None
 
     # --- reading the record -------------------------------------------------------------------
 
-    def since(self, t0: float) -> list[Sample]:
-        return [s for s in list(self.samples) if s.t >= t0]
+    def _index(self, t: float) -> int:
+        """Index of the first sample taken at or after ``t``."""
+        return bisect.bisect_left(self._times, t, 0, len(self.samples))
 
-    def split_brain(self, t0: float = 0.0) -> list[Sample]:
-        """Samples (after ``t0``) in which more than one namespace held the VIP."""
-        return [s for s in self.since(t0) if len(s.holders) > 1]
+    def since(self, t0: float, t1: float | None = None) -> list[Sample]:
+        n = len(self.samples)
+        return self.samples[self._index(t0) : n if t1 is None else bisect.bisect_right(self._times, t1, 0, n)]
+
+    def split_brain(self, t0: float = 0.0, t1: float | None = None) -> list[Sample]:
+        """Samples in [t0, t1] in which more than one namespace held the VIP; also the event
+        state in force at ``t0`` when it had two holders (it lasts until the next event)."""
+        bad = [s for s in self.since(t0, t1) if len(s.holders) > 1]
+        carried = next((s for s in reversed(self.samples[: self._index(t0)]) if s.kind == "event"), None)
+        if carried is not None and len(carried.holders) > 1:
+            bad.insert(0, carried)
+        return bad
+
+    def max_gap(self, t0: float = 0.0, t1: float | None = None) -> float:
+        """Longest time between two consecutive dumps that overlaps [t0, t1]."""
+        start = self._index(t0)
+        before = next((i for i in range(start - 1, -1, -1) if self.samples[i].kind == "dump"), start)
+        dumps = [s.t for s in self.samples[before:] if s.kind == "dump" and (t1 is None or s.t <= t1)]
+        return max((b - a for a, b in zip(dumps, dumps[1:], strict=False)), default=0.0)
+
+    def events_complete(self, t0: float, t1: float) -> bool:
+        """No event was lost in [t0, t1] and the watcher ran through it."""
+        return not any(t0 <= t <= t1 for t in self.overruns) and (self.ended is None or self.ended >= t1)
 
     def current(self) -> tuple[str, ...]:
         return self.samples[-1].holders if self.samples else ()
@@ -143,19 +183,18 @@ class HolderSampler:
         """First sample whose holders satisfy ``predicate``, taken from now on (or from the
         monotonic time ``since``, looking back first); None after ``timeout``."""
         deadline = time.monotonic() + timeout
-        seen = len(self.samples)
-        if since is not None:
-            seen = next((i for i, s in enumerate(list(self.samples)) if s.t >= since), seen)
-        while time.monotonic() < deadline:
+        seen = len(self.samples) if since is None else self._index(since)
+        while True:
             while seen < len(self.samples):
                 s = self.samples[seen]
                 seen += 1
                 if predicate(s.holders):
                     return s
-            if self._error or not (self._thread and self._thread.is_alive()):
-                raise nsutil.LabError(f"sampler stopped: {self._error}")
+            if time.monotonic() >= deadline:
+                return None
+            if not self.alive:
+                raise nsutil.LabError(f"holder watcher stopped: {self._error or 'it exited'}; see {self.log_path}")
             time.sleep(0.005)
-        return None
 
 
 @dataclass
@@ -244,12 +283,13 @@ class ClientProbe:
     # --- reading the record -------------------------------------------------------------------
 
     def outage(self, t0: float, t1: float) -> float:
-        """Longest gap between starts of consecutive successful attempts that overlaps [t0, t1].
+        """Longest gap between consecutive successful connects (completion times) that
+        overlaps [t0, t1].
 
         In steady state this is the probe interval (20 ms); it counts from the last success
         before the event to the first success after it.
         """
-        oks = sorted(a.t for a in list(self.attempts) if a.ok)
+        oks = sorted(a.t + a.took for a in list(self.attempts) if a.ok)
         worst = 0.0
         for a, b in zip(oks, oks[1:], strict=False):
             if b >= t0 and a <= t1:

@@ -3,7 +3,8 @@
 Owns: ``LabProcess`` — one child started with ``ip netns exec NS cmd`` (which execs, so the
 child's pid is the program's own), its own session (Ctrl-C in the terminal reaches only the
 lab, which then stops the children itself), output to a log file in the lab directory, and
-the bounded stop (SIGTERM, then SIGKILL of its whole process group).
+the bounded stop (SIGTERM, then SIGKILL of its whole process group), also of several at once
+with one shared grace period (``stop_all``: the lab's clean-up never waits node after node).
 
 Must never: signal a process it did not start (everything goes through the recorded pid or
 process group of a child it still owns).
@@ -15,7 +16,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,18 +73,17 @@ class LabProcess:
 
     def stop(self, grace: float = 5.0) -> int | None:
         """SIGTERM (and SIGCONT, in case it was stopped); SIGKILL the group after ``grace``."""
-        if self.proc is None:
-            return None
+        stop_all([self], grace)
+        return self.proc.returncode if self.proc else None
+
+    def ask_to_stop(self) -> None:
         if self.running:
+            assert self.proc is not None
             try:
                 self.proc.send_signal(signal.SIGTERM)
                 self.proc.send_signal(signal.SIGCONT)
             except ProcessLookupError:
                 pass
-            if self.wait(grace) is None:
-                self.kill()
-        self._reap_group()
-        return self.proc.returncode
 
     def kill(self) -> None:
         if self.proc is None:
@@ -101,6 +101,18 @@ class LabProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def stop_all(procs: Iterable[LabProcess], grace: float) -> None:
+    """Stop several processes together: SIGTERM to all, one shared ``grace``, then SIGKILL."""
+    procs = [p for p in procs if p.proc is not None]
+    for p in procs:
+        p.ask_to_stop()
+    deadline = time.monotonic() + grace
+    for p in procs:
+        if p.wait(max(0.0, deadline - time.monotonic())) is None:
+            p.kill()
+        p._reap_group()
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:
