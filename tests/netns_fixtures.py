@@ -46,8 +46,8 @@ VIP6 = "fd77::50"
 NODE_IP = {"a": ("10.77.0.1", "fd77::1"), "b": ("10.77.0.2", "fd77::2"), "c": ("10.77.0.100", "fd77::100")}
 
 
-def ip(*args: str, check: bool = True) -> str:
-    out = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10)
+def ip(*args: str, check: bool = True, input: str | None = None) -> str:
+    out = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10, input=input)
     if check and out.returncode != 0:
         raise RuntimeError(f"ip {' '.join(args)}: {out.stderr.strip()}")
     return out.stdout
@@ -184,11 +184,12 @@ class Frame:
 
 
 class Capture:
-    """Every frame seen on the client's c0 (incoming and outgoing), timestamped on arrival."""
+    """Every frame seen on one interface (default: the client's c0), incoming and outgoing,
+    timestamped by the kernel (arrival, or for outgoing frames the moment they were sent)."""
 
-    def __init__(self, bed: Bed) -> None:
-        self.sock = ns_socket(bed.ns["c"], socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL),
-                              bind=("c0", ETH_P_ALL))
+    def __init__(self, bed: Bed, role: str = "c") -> None:
+        self.sock = ns_socket(bed.ns[role], socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL),
+                              bind=(bed.ifname(role), ETH_P_ALL))
         # The kernel stamps each frame on arrival: our loop may be busy when it comes in.
         self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         self.frames: list[Frame] = []
@@ -221,7 +222,7 @@ class Driver:
     """One node's address task + announcer, in a subprocess inside the node's namespace."""
 
     def __init__(self, bed: Bed, role: str, addresses: list[str], refresh: str = "3s",
-                 interface: str | None = "d0") -> None:
+                 interface: str | None = "d0", event_rcvbuf: int | None = None) -> None:
         self.bed, self.role = bed, role
         cmd = ["ip", "netns", "exec", bed.ns[role], sys.executable, str(DRIVER), "--node", role,
                "--refresh", refresh]
@@ -229,6 +230,8 @@ class Driver:
             cmd += ["--address", a]
         if interface:
             cmd += ["--interface", interface]
+        if event_rcvbuf:
+            cmd += ["--event-rcvbuf", str(event_rcvbuf)]
         self.cmd = cmd
         self.logs: list[dict[str, Any]] = []
         self._changed = trio.Event()
@@ -301,6 +304,21 @@ class Driver:
     def kill(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
+
+
+def recreate_node_link(bed: Bed, role: str) -> str:
+    """Delete the node's veth (its bridge port goes with it) and build it again: same name and
+    addresses, new ifindex, new MAC (returned, and stored in ``bed.mac``)."""
+    ns, s, inner, port = bed.ns[role], bed.ns["s"], bed.ifname(role), f"p{role}"
+    ip("-n", ns, "link", "del", inner)
+    ip("-n", s, "link", "add", port, "type", "veth", "peer", "name", inner, "netns", ns)
+    ip("-n", s, "link", "set", port, "master", "br0", "up")
+    v4, v6 = NODE_IP[role]
+    ip("-n", ns, "addr", "add", f"{v4}/24", "dev", inner)
+    ip("-n", ns, "addr", "add", f"{v6}/64", "dev", inner, "nodad")
+    ip("-n", ns, "link", "set", inner, "up")
+    bed.mac[role] = json.loads(ip("-n", ns, "-j", "link", "show", inner))[0]["address"]
+    return bed.mac[role]
 
 
 @pytest.fixture(name="bed")

@@ -1,5 +1,6 @@
 """The announcement schedule: pure table tests, and the announcer task under MockClock with a
-recording fake sender (named as one, lives here)."""
+recording fake sender (tests/wire_fixtures.py): timeline, errors, stop acknowledgement, reopening
+on a recreated interface."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import trio
 import trio.testing
 
+from tests.wire_fixtures import FakeSender
 from vipd.announce import AnnounceSchedule, run_announcer
 from vipd.config import load
 from vipd.events import VipChange
@@ -16,6 +18,7 @@ from vipd.state import RuntimeState
 def _drain(schedule: AnnounceSchedule, until: float) -> list[tuple[float, str]]:
     out = []
     while schedule.next_due is not None and schedule.next_due <= until:
+        assert len(out) < 10_000, "the schedule does not move forward"
         now = schedule.next_due
         out.append((round(now, 6), schedule.pop_due(now)))
     return out
@@ -57,25 +60,21 @@ def test_late_loop_skips_backlog():
     assert s.next_due == pytest.approx(22.4)  # next refresh slot after now, on the 4.4 + k*3 grid
 
 
+def test_refresh_always_moves_forward():
+    # 0.7 / 0.1 == 6.999...: the next slot must still be after now, never "due again now"
+    s = AnnounceSchedule(refresh=0.1)
+    s.start(0.0)
+    times = [t for t, _k in _drain(s, 10.0)]
+    assert all(b > a for a, b in zip(times, times[1:], strict=False))
+    assert len(times) == 5 + 56  # burst + 4 repeats, then 4.5, 4.6, ... 10.0 (rounded)
+
+
 def test_restart_begins_a_new_burst():
     s = AnnounceSchedule(refresh=3.0)
     s.start(0.0)
     _drain(s, 8.0)
     s.start(9.0)
     assert _drain(s, 10.5) == [(9.0, "burst"), (10.1, "repeat")]
-
-
-class FakeSender:
-    """Records (trio time, frame) instead of touching an interface."""
-
-    def __init__(self, ifname: str, log: list) -> None:
-        self.ifname, self.mac, self.log, self.closed = ifname, bytes.fromhex("02000000000a"), log, False
-
-    async def send(self, frame: bytes) -> None:
-        self.log.append((trio.current_time(), self.ifname, frame))
-
-    def close(self) -> None:
-        self.closed = True
 
 
 @pytest.fixture
@@ -119,18 +118,13 @@ async def test_announcer_counts_errors_and_restarts_on_restore(mock_clock):
     cfg = load(environ={}, flags={"vip.address": ["10.0.0.50"], "announce.refresh": "0",
                                   "election.backend": "none", "proxy.enabled": False})
     state = RuntimeState(node="n1")
-    calls: list[float] = []
-
-    class Failing(FakeSender):
-        async def send(self, frame: bytes) -> None:
-            calls.append(trio.current_time())
-            raise OSError(100, "Network is down")
 
     send, recv = trio.open_memory_channel(4)
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            await nursery.start(lambda **kw: run_announcer(cfg, state, recv,
-                                                           open_sender=lambda i: Failing(i, []), **kw))
+            await nursery.start(lambda **kw: run_announcer(
+                cfg, state, recv, open_sender=lambda i: FakeSender(i, [], fail=OSError(100, "Network is down")),
+                **kw))
             await send.send(VipChange(True, "eth0", "acquired"))
             await trio.sleep(2.0)
             await send.send(VipChange(True, "eth0", "restored"))  # restart: a new burst at once
@@ -139,3 +133,68 @@ async def test_announcer_counts_errors_and_restarts_on_restore(mock_clock):
     assert state.announce.sent == 0
     # first burst + repeat at 1.1, then restart at 2.0: burst + 4 repeats; 2 frames each
     assert state.announce.errors == 2 * (2 + 5)
+
+
+def _cfg(refresh: str):
+    return load(environ={}, flags={"vip.address": ["10.0.0.50"], "announce.refresh": refresh,
+                                  "election.backend": "none", "proxy.enabled": False})
+
+
+async def test_stop_is_acknowledged_and_nothing_is_sent_after(mock_clock):
+    state, sent = RuntimeState(node="n1"), []
+    send, recv = trio.open_memory_channel(4)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda **kw: run_announcer(
+                _cfg("0.1s"), state, recv, open_sender=lambda i: FakeSender(i, sent), **kw))
+            await send.send(VipChange(True, "eth0", "acquired", 2))
+            await trio.sleep(6.0)  # refresh rounds every 0.1 s by now
+            stopped = trio.Event()
+            await send.send(VipChange(False, "eth0", "lost", 2, stopped))
+            await stopped.wait()
+            acked_at, count = trio.current_time(), len(sent)
+            await trio.sleep(5.0)
+            # a stop queued when the task is cancelled is acknowledged on the way out
+            late = trio.Event()
+            await send.send(VipChange(True, "eth0", "acquired", 2))
+            await send.send(VipChange(False, "eth0", "lost", 2, late))
+            nursery.cancel_scope.cancel()
+    assert count > 20 and all(t <= acked_at for t, _i, _f in sent[:count])
+    assert len(sent) == count  # the queued start was never acted on: the stop behind it won
+    assert late.is_set()
+
+
+async def test_reopens_when_the_interface_is_recreated(mock_clock):
+    state, sent, senders = RuntimeState(node="n1"), [], []
+    macs = {2: bytes.fromhex("02000000000a"), 7: bytes.fromhex("02000000000b")}
+    current = {"ifindex": 2}
+
+    def open_sender(ifname: str) -> FakeSender:
+        index = current["ifindex"]
+        senders.append(FakeSender(ifname, sent, mac=macs[index], ifindex=index))
+        return senders[-1]
+
+    send, recv = trio.open_memory_channel(4)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda **kw: run_announcer(_cfg("1s"), state, recv, open_sender=open_sender,
+                                                           **kw))
+            await send.send(VipChange(False, "eth0", "standby", 2))
+            await send.send(VipChange(True, "eth0", "acquired", 2))
+            await trio.sleep(0.5)
+            # same name, new ifindex (deleted and re-added): a new socket, frames with the new MAC
+            current["ifindex"] = 7
+            await send.send(VipChange(True, "eth0", "restored", 7))
+            await trio.sleep(0.5)
+            # the interface is recreated again, but this time the sends find out first (ENXIO)
+            senders[-1].fail = OSError(6, "No such device or address")
+            current["ifindex"] = 2
+            await trio.sleep(2.0)
+            await send.aclose()
+    assert [s.ifindex for s in senders] == [2, 7, 2]
+    assert senders[0].closed and senders[1].closed
+    first_mac = {f[6:12] for _t, _i, f in sent[:2]}
+    second_mac = {f[6:12] for _t, _i, f in sent[2:4]}
+    assert first_mac == {macs[2]} and second_mac == {macs[7]}
+    assert sent[-1][2][6:12] == macs[2]  # after the send error: reopened, the current MAC again
+    assert state.announce.errors == 1  # one failed frame, then the round stopped and reopened

@@ -9,7 +9,10 @@ election: one JSON object per stdin line, times relative to when the line is rea
     {"leader": false, "term": 2}
 
 EOF on stdin stops the tasks (the shielded cleanup removes the VIP) and exits 0. Logs are JSON
-lines on stdout (debug level), which the tests read for ``address.started`` and friends.
+lines on stdout (debug level), which the tests read for ``address.started`` and friends; each
+Leadership message is logged as ``driver.leadership`` with ``t``, the wall-clock time (s, float)
+just before it is handed to the address task, and the stop as ``driver.stopped`` with the
+release gate's verdict (``released``).
 
 Must never: be imported by vipd; it is a fake election, named as one.
 """
@@ -21,6 +24,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 import trio
 import trio_asyncio
@@ -28,8 +32,8 @@ import trio_asyncio
 from vipd import log
 from vipd.announce import run_announcer
 from vipd.config import load
-from vipd.events import Fanout, Leadership
-from vipd.netlink import run_address_task
+from vipd.events import Fanout, Leadership, ReleaseGate
+from vipd.netlink import open_event_socket, run_address_task
 from vipd.state import RuntimeState
 
 
@@ -55,12 +59,18 @@ async def main(args: argparse.Namespace) -> int:
     cfg = load(environ={}, flags=flags)
     state = RuntimeState(node=cfg.node)
     logger = log.get("driver")
-    leadership, vip_changes = Fanout(), Fanout()
+    leadership, vip_changes, gate = Fanout(), Fanout(), ReleaseGate()
+    rcvbuf = args.event_rcvbuf
+
+    def open_events():
+        return open_event_socket(rcvbuf) if rcvbuf else open_event_socket()
+
     async with trio_asyncio.open_loop():
         async with trio.open_nursery() as nursery:
             announcer_rx = vip_changes.subscribe()  # before the address task names the interface
             await nursery.start(lambda **kw: run_address_task(cfg, state, leadership.subscribe(),
-                                                              vip_changes, **kw))
+                                                              vip_changes, gate, open_events=open_events,
+                                                              **kw))
             await nursery.start(lambda **kw: run_announcer(cfg, state, announcer_rx, **kw))
             logger.info("driver.ready")
             async for line in _lines(0):
@@ -73,10 +83,12 @@ async def main(args: argparse.Namespace) -> int:
                     fence_until=now + msg["fence_in"] if msg.get("fence_in") is not None else None,
                     reason=msg.get("reason", "acquired" if msg["leader"] else "lost"),
                 )
+                t = time.time()
                 await leadership.send(ev)
+                logger.debug("driver.leadership", leader=ev.leader, term=ev.term, t=t)
             nursery.cancel_scope.cancel()
     logger.info("driver.stopped", present=[v.present for v in state.vips],
-                sent=state.announce.sent, errors=state.announce.errors)
+                sent=state.announce.sent, errors=state.announce.errors, released=gate.is_set())
     return 0
 
 
@@ -86,6 +98,7 @@ if __name__ == "__main__":
     parser.add_argument("--interface", default=None)
     parser.add_argument("--refresh", default="3s")
     parser.add_argument("--node", default="driver")
+    parser.add_argument("--event-rcvbuf", type=int, default=None)
     log.configure(fmt="json", level="debug", node="driver")
     import pyroute2  # noqa: F401  (importing it resets its logger's level: quiet it afterwards)
 

@@ -4,7 +4,12 @@ Owns: the frames (gratuitous ARP request and reply for IPv4 VIPs, unsolicited Ne
 Advertisement for IPv6 VIPs), the schedule (a burst at once, repeats that beat the neighbour
 locktime, then a periodic refresh that keeps switch FDB entries alive), and a thin sender on a
 trio ``AF_PACKET`` socket. It starts on ``VipChange(present=True)`` and stops at once on
-``VipChange(present=False)``; the address task sends those only after the kernel confirmed.
+``VipChange(present=False)``; the address task sends those only after the kernel confirmed. A stop
+is acknowledged (``VipChange.stopped``) once nothing more will be sent, and the address task
+removes the address only after that. Pending changes are read before every round, so a due
+round never goes out after a stop was sent. The socket is reopened (and the frames rebuilt with
+the new MAC) when the interface was recreated: a new ``ifindex`` in a change, or a send that
+fails with ENXIO/ENODEV.
 
 Must never: add or remove addresses (netlink.py does), block the trio loop (scapy's own
 sockets block: scapy only builds bytes here), or log per packet above debug.
@@ -17,6 +22,7 @@ See docs/announce.md for what is sent when, and why.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import math
 import socket
@@ -148,6 +154,8 @@ class AnnounceSchedule:
         elif self.refresh > 0:
             last = self.origin + self.repeats[-1]
             periods = max(1, math.floor((now - last) / self.refresh) + 1)
+            while last + periods * self.refresh <= now:  # floor() of an inexact quotient
+                periods += 1
             self._next = last + periods * self.refresh
         else:
             self._next = None
@@ -159,6 +167,10 @@ class AnnounceSchedule:
 # --------------------------------------------------------------------------------------------
 
 
+# A send that fails with one of these means the interface the socket is bound to is gone.
+INTERFACE_GONE = (errno.ENXIO, errno.ENODEV)
+
+
 class PacketSender:
     """A trio AF_PACKET/SOCK_RAW socket bound to (ifname, 0): sends frames, receives nothing."""
 
@@ -168,6 +180,7 @@ class PacketSender:
         try:
             raw.bind((ifname, 0))  # protocol 0: nothing is ever queued for us to read
             self.mac: bytes = raw.getsockname()[4]
+            self.ifindex: int = socket.if_nametoindex(ifname)
         except OSError:
             raw.close()
             raise
@@ -194,21 +207,50 @@ async def run_announcer(
     sender: PacketSender | None = None
     frames: list[Frame] = []
     failing = False
+    interface: str | None = cfg.vip.interface  # where to announce (the address task says)
+    ifindex = 0  # its index as the address task last saw it (0: unknown)
+
+    def close_sender() -> None:
+        nonlocal sender
+        if sender is not None:
+            sender.close()
+            sender = None
+
+    def open_for(name: str) -> bool:
+        """(Re)open the socket on ``name`` and rebuild the frames for its MAC."""
+        nonlocal sender, frames
+        close_sender()
+        try:
+            sender = open_sender(name)
+        except OSError as exc:
+            state.announce.errors += 1
+            logger.error("announce.socket_failed", interface=name, error=exc.strerror or str(exc))
+            return False
+        frames = frames_for(cfg.vip.addresses, sender.mac)
+        return True
+
+    def note_failure(exc: OSError, frame: Frame, where: str) -> None:
+        nonlocal failing
+        state.announce.errors += 1
+        logger.debug("announce.send_failed", kind=frame.kind, address=frame.address,
+                     interface=where, error=exc.strerror or str(exc))
+        if not failing:
+            failing = True
+            logger.warning("announce.failing", interface=where, error=exc.strerror or str(exc))
 
     async def send_round(kind: str) -> None:
         nonlocal failing
+        if sender is None and (interface is None or not open_for(interface)):
+            return  # socket_failed was logged and counted; the next round tries again
         assert sender is not None
         for frame in frames:
             try:
                 await sender.send(frame.data)
             except OSError as exc:
-                state.announce.errors += 1
-                logger.debug("announce.send_failed", kind=frame.kind, address=frame.address,
-                             interface=sender.ifname, error=exc.strerror or str(exc))
-                if not failing:
-                    failing = True
-                    logger.warning("announce.failing", interface=sender.ifname,
-                                   error=exc.strerror or str(exc))
+                note_failure(exc, frame, sender.ifname)
+                if exc.errno in INTERFACE_GONE:  # recreated interface: reopen next round
+                    close_sender()
+                    return
                 continue
             state.announce.sent += 1
             logger.debug("announce.sent", kind=frame.kind, round=kind, address=frame.address,
@@ -217,54 +259,64 @@ async def run_announcer(
                 failing = False
                 logger.info("announce.recovered", interface=sender.ifname)
 
-    def stop() -> None:
-        nonlocal sender
-        schedule.stop()
-        if sender is not None:
-            sender.close()
-            sender = None
+    def apply(change: VipChange) -> None:
+        """Take one change into account; a stop is acknowledged here (nothing more is sent)."""
+        nonlocal interface, ifindex
+        moved = change.interface != interface or (change.ifindex and change.ifindex != ifindex)
+        interface, ifindex = change.interface, change.ifindex or ifindex
+        stale = sender is None or sender.ifname != interface or (
+            ifindex and getattr(sender, "ifindex", ifindex) != ifindex)
+        if moved or stale:
+            # Open the socket and build the frames as soon as the interface is known (the
+            # address task names it at start), so acquiring costs only the sends.
+            close_sender()
+            open_for(interface)
+        if change.present:
+            schedule.start(trio.current_time())
+            logger.info("announce.started", interface=change.interface, reason=change.reason,
+                        mac=_mac_str(sender.mac) if sender is not None else None)
+        else:
+            if schedule.active:
+                schedule.stop()
+                logger.info("announce.stopped", interface=change.interface, reason=change.reason)
+            if change.stopped is not None:
+                change.stopped.set()
 
-    if cfg.vip.interface:  # get ready before the first acquire (else on the "standby" change)
+    # Import scapy and build once before reporting ready: the first import takes ~0.5 s, which
+    # must not stall the loop once started (the interface may only be named later, at
+    # "standby"). Before started(), no leadership event can be waiting on us.
+    frames_for(cfg.vip.addresses, b"\x00" * 6)
+    if interface:  # get ready before the first acquire (else on the "standby" change)
         with contextlib.suppress(OSError):
-            sender = open_sender(cfg.vip.interface)
+            sender = open_sender(interface)
             frames = frames_for(cfg.vip.addresses, sender.mac)
     task_status.started()
     try:
-        async with vip_changes:
-            while True:
-                due = schedule.next_due
-                if due is not None:
-                    now = trio.current_time()
-                    kind = schedule.pop_due(now)
-                    if kind is not None:
-                        await send_round(kind)
-                        continue
-                change: VipChange | None = None
-                with trio.move_on_at(due if due is not None else math.inf):
-                    try:
-                        change = await vip_changes.receive()
-                    except trio.EndOfChannel:
-                        return
-                if change is None:
+        while True:
+            # Every pending change first: a stop sent while a round was due wins.
+            with contextlib.suppress(trio.WouldBlock):
+                while True:
+                    apply(vip_changes.receive_nowait())
+            due = schedule.next_due
+            if due is not None:
+                kind = schedule.pop_due(trio.current_time())
+                if kind is not None:
+                    await send_round(kind)
                     continue
-                if sender is None or sender.ifname != change.interface:
-                    # Open the socket and build the frames as soon as the interface is known
-                    # (the address task names it at start), so acquiring costs only the sends.
-                    stop()
-                    try:
-                        sender = open_sender(change.interface)
-                    except OSError as exc:
-                        state.announce.errors += 1
-                        logger.error("announce.socket_failed", interface=change.interface,
-                                     error=exc.strerror or str(exc))
-                        continue
-                    frames = frames_for(cfg.vip.addresses, sender.mac)
-                if change.present:
-                    schedule.start(trio.current_time())
-                    logger.info("announce.started", interface=change.interface, reason=change.reason,
-                                mac=_mac_str(sender.mac))
-                elif schedule.active:
-                    schedule.stop()
-                    logger.info("announce.stopped", interface=change.interface, reason=change.reason)
+            change: VipChange | None = None
+            with trio.move_on_at(due if due is not None else math.inf):
+                change = await vip_changes.receive()
+            if change is not None:
+                apply(change)
+    except trio.EndOfChannel:
+        return
     finally:
-        stop()
+        # Nothing is sent from here on: acknowledge every stop still queued, then close.
+        schedule.stop()
+        close_sender()
+        with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            while True:
+                pending = vip_changes.receive_nowait()
+                if pending.stopped is not None:
+                    pending.stopped.set()
+        vip_changes.close()

@@ -9,7 +9,8 @@ shared ``RuntimeState``), and the shutdown sequence. Theory of operation:
                1. mark stopping (/readyz fails, STOPPING=1)
                2. cancel the data plane: the announcer stops, the address task removes the
                   VIP in its shielded cleanup, the proxy stops accepting and drains
-               3. once the VIP is gone (``vip_released`` set), the election releases the lease
+               3. once the address task confirmed the VIP gone (``vip_released``), the election
+                  releases the lease; if it could not confirm, the lease is left to expire
                4. services stop; exit 0, or 1 if a task failed or the deadline passed
     A second signal during shutdown forces exit at once (exit 1); the kernel address
     lifetime still removes the VIP (see docs/announce.md).
@@ -31,7 +32,7 @@ import trio
 from vipd import log
 from vipd.config import Config
 from vipd.errors import ConfigError, leaves
-from vipd.events import Fanout
+from vipd.events import Fanout, ReleaseGate
 from vipd.state import RuntimeState, VipState
 
 # A task: async fn(*, task_status) already bound to its dependencies.
@@ -46,7 +47,8 @@ class Wiring:
     state: RuntimeState
     leadership: Fanout = field(default_factory=Fanout)  # election → address, status
     vip_changes: Fanout = field(default_factory=Fanout)  # address → announcer
-    vip_released: trio.Event = field(default_factory=trio.Event)  # address cleanup done → election may release
+    # address task at stop → election: set = VIP confirmed removed, release; withheld = let it expire
+    vip_released: ReleaseGate = field(default_factory=ReleaseGate)
 
 
 @dataclass
@@ -82,7 +84,7 @@ def default_plan(w: Wiring) -> Plan:
     if cfg.status.listen:
         services.insert(0, ("status", lambda **kw: run_status(cfg, state, **kw)))
     vip: list[tuple[str, Task]] = [
-        ("address", lambda **kw: run_address_task(cfg, state, address_rx, w.vip_changes, **kw)),
+        ("address", lambda **kw: run_address_task(cfg, state, address_rx, w.vip_changes, w.vip_released, **kw)),
     ]
     if announce_rx is not None:
         vip.append(("announce", lambda **kw: run_announcer(cfg, state, announce_rx, **kw)))
@@ -195,7 +197,9 @@ async def supervise(
             try:
                 await guarded("vip", plan.vip, vip_done, task_status=task_status)
             finally:
-                wiring.vip_released.set()
+                # The address task gives its word in its own cleanup; if it never did (it never
+                # ran, or a plan without it), nothing confirmed the VIP gone: no release.
+                wiring.vip_released.withhold("vip tasks ended without confirming the VIP removed")
 
         scopes: dict[str, trio.CancelScope] = {}
         try:

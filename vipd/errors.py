@@ -36,7 +36,11 @@ def leaves(group: BaseExceptionGroup) -> list[BaseException]:
 
 
 class NetlinkError(VipdError):
-    """A netlink operation (address add/remove, link lookup) failed."""
+    """A netlink operation (address add/remove, link lookup) failed; ``errno`` when known."""
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
 
 
 class ElectionBackendError(VipdError):

@@ -14,39 +14,61 @@ kernel on a timer, or leave the VIP behind on a clean stop.
 Theory of operation
 -------------------
 *pyroute2 under trio.* pyroute2 0.9's sync ``IPRoute`` refuses to run on a thread that has a
-trio(-asyncio) loop, so every request runs through ``trio.to_thread.run_sync`` on one shared
-``IPRoute`` (one request at a time, ~1 ms each). That works the same under ``vipd start``
-(inside ``trio_asyncio.open_loop()``) and in plain trio tests. Change notifications come from a
+trio(-asyncio) loop, and it keeps an asyncio loop (with its fds) per thread that ever used it.
+So every request runs on one long-lived thread of our own (``NetlinkThread``: one request at a
+time, ~1 ms each), never on trio's worker threads, which exit after 10 s idle and would leak a
+loop per generation. That works the same under ``vipd start`` (inside
+``trio_asyncio.open_loop()``) and in plain trio tests. Change notifications come from a
 trio-native ``AF_NETLINK`` socket subscribed to the link and address multicast groups; an event
-for our interface only *triggers* a reconcile (dump, compare, fix), so a lost or overrun event
-can never leave us wrong for longer than the next event, and our own changes are harmless.
+for our interface only *triggers* a reconcile (dump, compare, fix), so our own changes are
+harmless. When the kernel drops events because the socket buffer is full, ``recv`` fails with
+ENOBUFS: that is read as "something may have changed" and also triggers a full reconcile.
+
+*The interface* is followed by name: deleted → nothing to do (records absent, announcer
+stopped) until an interface of that name exists again; recreated (new ifindex, new MAC) → the
+VIPs are re-added there and the announcer is told the new ifindex, so it reopens its socket.
 
 *Fencing arithmetic* (see docs/announce.md). The election sends ``fence_until``: the trio time
 before which no other node can take the lease. The kernel takes whole seconds and removes an
 expired address late by at most ``kernel_late(L)`` (timer batching + timer-wheel slack). So we
 ask for ``L = lifetime_for(fence_until - now - REQUEST_BUDGET)``; if the request itself took
 longer than the budget, we recompute from the time of the kernel's answer and shorten again.
-When even L = 1 cannot be guaranteed (lease too short), vipd uses L = 1 (the shortest the kernel
-knows) and says so once at info: ``vip.fence_weak``. Independently, the task drops the VIP itself once
+When even L = 1 cannot be guaranteed, what happens depends on the configuration: if the lease
+is too short for a guarantee even right after a renew (``strict_possible`` False, e.g. the 2 s
+default), vipd uses L = 1 (the shortest the kernel knows) and says so once at info:
+``vip.fence_weak``. If the lease normally gives a guaranteed lifetime and only *this* moment is too
+late in the window (a restore or reorder just before the next renew, a slow renew), vipd does
+not touch the address with an unguaranteed lifetime: it logs ``vip.deferred`` and adds it at the
+next renew, which brings a new ``fence_until``. Independently, the task drops the VIP itself once
 ``safe_until`` passes without a renew (userspace fence, covers a wedged election).
+
+*Ordering.* Before removing, the address task tells the announcer to stop and waits (bounded by
+``ANNOUNCE_STOP_TIMEOUT``) for its acknowledgement, so no announcement follows a removal. At stop,
+the ``ReleaseGate`` is set only after every VIP was confirmed removed; otherwise it is withheld
+and the election lets the lease expire rather than hand it over.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import ipaddress
 import math
+import queue
 import socket
 import struct
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import outcome
 import trio
 
 from vipd import log
 from vipd.config import Config, Vip
 from vipd.errors import ConfigError, NetlinkError
-from vipd.events import Fanout, Leadership, VipChange
+from vipd.events import Fanout, Leadership, ReleaseGate, VipChange
 from vipd.state import RuntimeState, VipState
 
 T = TypeVar("T")
@@ -67,6 +89,12 @@ DISPATCH = 0.05
 REQUEST_BUDGET = 0.05
 # Bound for the shielded cleanup on stop.
 CLEANUP_TIMEOUT = 3.0
+# How long we wait for the announcer to acknowledge "stop" before removing anyway (a wedged
+# announcer must not keep the VIP on this node; the kernel fence bounds it regardless).
+ANNOUNCE_STOP_TIMEOUT = 0.5
+# Receive buffer of the event socket. Overruns are handled (full reconcile), this only makes
+# them rare.
+EVENT_RCVBUF = 1 << 20
 
 
 def kernel_late(lifetime: int) -> float:
@@ -172,19 +200,54 @@ class KernelAddress:
     valid: int | None  # seconds left, None: forever
 
 
+Address = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 _FOREVER = 0xFFFFFFFF
 IFA_F_SECONDARY, IFA_F_NODAD, IFA_F_PERMANENT = 0x01, 0x02, 0x80
 
 
-class Kernel:
-    """Thin pyroute2 adapter: every call runs in a worker thread, one at a time.
+class NetlinkThread:
+    """One long-lived thread that runs every pyroute2 call, one at a time, in order.
 
-    Translates pyroute2/OS errors into NetlinkError, once.
+    pyroute2 keeps an asyncio loop per thread; trio's worker threads come and go (10 s idle),
+    which leaked a loop and its fds per generation. Waiting for a call cannot be cancelled (like
+    ``trio.to_thread.run_sync``): netlink requests answer in milliseconds.
+    """
+
+    def __init__(self, name: str = "vipd-netlink") -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Callable[[Any], None]] | None] = (
+            queue.SimpleQueue())
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, deliver = job
+            deliver(outcome.capture(fn))
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        token, task = trio.lowlevel.current_trio_token(), trio.lowlevel.current_task()
+        self._jobs.put((fn, lambda result: token.run_sync_soon(trio.lowlevel.reschedule, task, result)))
+        return await trio.lowlevel.wait_task_rescheduled(lambda _raise_cancel: trio.lowlevel.Abort.FAILED)
+
+    def stop(self) -> None:
+        """The thread ends after the calls already queued."""
+        self._jobs.put(None)
+
+    @property
+    def ident(self) -> int | None:
+        return self._thread.ident
+
+
+class Kernel:
+    """Thin pyroute2 adapter: every call runs on one ``NetlinkThread``, one at a time.
+
+    Translates pyroute2/OS errors into NetlinkError (with the errno), once.
     """
 
     def __init__(self) -> None:
         self._ipr: Any = None
-        self._lock = trio.CapacityLimiter(1)
+        self._thread: NetlinkThread | None = None
 
     async def _run(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         from pyroute2.netlink.exceptions import NetlinkError as PyrouteNetlinkError
@@ -193,21 +256,30 @@ class Kernel:
             try:
                 return fn(*args)
             except PyrouteNetlinkError as exc:
-                raise NetlinkError(f"{what}: {exc.args[-1] if exc.args else exc} (errno {exc.code})") from exc
+                raise NetlinkError(f"{what}: {exc.args[-1] if exc.args else exc} (errno {exc.code})",
+                                   exc.code) from exc
             except OSError as exc:
-                raise NetlinkError(f"{what}: {exc.strerror or exc}") from exc
+                raise NetlinkError(f"{what}: {exc.strerror or exc}", exc.errno) from exc
 
-        return await trio.to_thread.run_sync(call, limiter=self._lock)
+        assert self._thread is not None, "Kernel.open() first"
+        return await self._thread.run(call)
 
     async def open(self) -> None:
         from pyroute2 import IPRoute
 
+        self._thread = NetlinkThread()
         self._ipr = await self._run("open rtnetlink", IPRoute)
 
     async def close(self) -> None:
-        if self._ipr is not None:
-            ipr, self._ipr = self._ipr, None
-            await self._run("close rtnetlink", ipr.close)
+        if self._thread is None:
+            return
+        try:
+            if self._ipr is not None:
+                ipr, self._ipr = self._ipr, None
+                await self._run("close rtnetlink", ipr.close)
+        finally:
+            self._thread.stop()
+            self._thread = None
 
     async def links(self) -> dict[int, tuple[str, int]]:
         """ifindex → (name, flags)."""
@@ -242,8 +314,10 @@ class Kernel:
     async def default_route_ifindex(self, family: int) -> int | None:
         def find() -> int | None:
             for r in self._ipr.route("dump", family=family, table=254):
-                if r["dst_len"] == 0 and r.get("RTA_OIF"):
-                    return r.get("RTA_OIF")
+                if r["dst_len"] == 0:
+                    oif = default_route_oif(r.get("RTA_OIF"), r.get("RTA_MULTIPATH"))
+                    if oif:
+                        return oif
             return None
 
         return await self._run("dump routes", find)
@@ -257,33 +331,55 @@ class Kernel:
             kwargs["valid_lft"] = kwargs["preferred_lft"] = lifetime.seconds
         await self._run(f"add {vip} on ifindex {ifindex}", lambda: self._ipr.addr("replace", **kwargs))
 
-    async def delete_address(self, ifindex: int, vip: Vip) -> bool:
-        """Remove; False when it was not there (EADDRNOTAVAIL)."""
+    async def delete_address(self, ifindex: int, address: Address) -> bool:
+        """Remove ``address`` (IP and prefix); False when it was not there (EADDRNOTAVAIL, ENODEV)."""
 
         def delete() -> bool:
             from pyroute2.netlink.exceptions import NetlinkError as PyrouteNetlinkError
 
             try:
-                self._ipr.addr("del", index=ifindex, address=vip.address, prefixlen=vip.prefixlen)
+                self._ipr.addr("del", index=ifindex, address=str(address.ip),
+                               prefixlen=address.network.prefixlen)
             except PyrouteNetlinkError as exc:
-                if exc.code in (99, 19):  # EADDRNOTAVAIL, ENODEV: already gone
+                if exc.code in (errno.EADDRNOTAVAIL, errno.ENODEV):  # already gone
                     return False
                 raise
             return True
 
-        return await self._run(f"remove {vip} from ifindex {ifindex}", delete)
+        return await self._run(f"remove {address} from ifindex {ifindex}", delete)
 
 
-def open_event_socket() -> trio.socket.SocketType:
+def default_route_oif(oif: int | None, multipath: list[dict[str, Any]] | None) -> int | None:
+    """The output interface of a default route: RTA_OIF, else (ECMP) the first nexthop's."""
+    if oif:
+        return oif
+    for hop in multipath or ():
+        if hop.get("oif"):
+            return hop["oif"]
+    return None
+
+
+def open_event_socket(rcvbuf: int = EVENT_RCVBUF) -> trio.socket.SocketType:
     """A trio netlink socket on the link + IPv4/IPv6 address groups (events, never requests)."""
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
     except OSError as exc:
         sock.close()
-        raise NetlinkError(f"netlink event socket: {exc.strerror or exc}") from exc
+        raise NetlinkError(f"netlink event socket: {exc.strerror or exc}", exc.errno) from exc
     return trio.socket.from_stdlib_socket(sock)
+
+
+async def read_events(sock: trio.socket.SocketType) -> list[NetlinkEvent]:
+    """The next datagram's events; a kernel-side overrun (ENOBUFS) is an ``overrun`` event."""
+    try:
+        data = await sock.recv(1 << 16)
+    except OSError as exc:
+        if exc.errno == errno.ENOBUFS:  # the kernel dropped events: we may have missed anything
+            return [NetlinkEvent("overrun", 0)]
+        raise NetlinkError(f"netlink events: {exc.strerror or exc}", exc.errno) from exc
+    return parse_events(data)
 
 
 async def resolve_interface(cfg: Config, kernel: Kernel) -> tuple[str, int]:
@@ -318,12 +414,16 @@ async def resolve_interface(cfg: Config, kernel: Kernel) -> tuple[str, int]:
 
 
 class AddressManager:
-    """The address task's state and reactions; I/O only through ``Kernel`` and ``vip_changes``."""
+    """The address task's state and reactions; I/O only through ``Kernel`` and ``vip_changes``.
+
+    ``ifindex`` is None while no interface of our name exists (deleted; waiting for it).
+    """
 
     def __init__(self, cfg: Config, state: RuntimeState, kernel: Kernel, vip_changes: Fanout,
                  ifname: str, ifindex: int) -> None:
         self.cfg, self.state, self.kernel, self.vip_changes = cfg, state, kernel, vip_changes
-        self.ifname, self.ifindex = ifname, ifindex
+        self.ifname: str = ifname
+        self.ifindex: int | None = ifindex
         self.vips: tuple[Vip, ...] = cfg.vip.addresses
         self.records = _records(state, self.vips, ifname)
         self.log = log.get("address")
@@ -334,6 +434,11 @@ class AddressManager:
         self.announced = False  # the announcer was told "present"
         self.running = True  # link up with carrier
         self.weak_warned = False
+        self.deferring = False  # a vip.deferred was logged and nothing was programmed since
+        self.placed: set[Vip] = set()  # VIPs added since acquiring (re-adding them is a restore)
+        # Right after a renew, fence_until - now is about the lease duration: if that gives a
+        # guaranteed lifetime, never settle for an unguaranteed one (see module doc).
+        self.strict_possible = lifetime_for(cfg.election.lease_duration - REQUEST_BUDGET).strict
 
     # -- leadership ------------------------------------------------------------------------
     async def on_leadership(self, ev: Leadership) -> None:
@@ -352,6 +457,7 @@ class AddressManager:
         acquiring = not self.leader
         self.leader, self.safe_until, self.fence_until = True, ev.safe_until, ev.fence_until
         if acquiring:
+            self.placed.clear()
             await self.ensure(reason="acquired", term=ev.term)
         else:
             await self.refresh()
@@ -368,20 +474,73 @@ class AddressManager:
     async def lose(self, reason: str) -> None:
         was_leader, self.leader = self.leader, False
         self.safe_until = self.fence_until = None
-        if self.announced:  # stop announcing first
-            self.announced = False
-            await self.vip_changes.send(VipChange(False, self.ifname, reason))
+        self.placed.clear()
+        await self.stop_announcing(reason)  # stop announcing first (acknowledged) ...
         if was_leader or any(r.present for r in self.records):
-            await self.remove_all(reason)
+            await self.remove_all(reason)  # ... then remove
+
+    async def stop_announcing(self, reason: str, *, nowait: bool = False) -> None:
+        """Tell the announcer to stop and wait until it acknowledged (bounded).
+
+        ``nowait``: the shielded stop path, where a full channel must not block the cleanup.
+        """
+        if not self.announced:
+            return
+        self.announced = False
+        stopped = trio.Event()
+        change = VipChange(False, self.ifname, reason, self.ifindex or 0, stopped)
+        delivered = self.vip_changes.send_nowait(change) if nowait else await self.vip_changes.send(change)
+        if not delivered:
+            return  # nobody announces (announce disabled, or the announcer is gone)
+        with trio.move_on_after(ANNOUNCE_STOP_TIMEOUT):
+            await stopped.wait()
+        if not stopped.is_set():
+            self.log.warning("announce.stop_unconfirmed", interface=self.ifname, reason=reason,
+                             timeout=ANNOUNCE_STOP_TIMEOUT)
+
+    async def start_announcing(self, reason: str, *, again: bool = False) -> None:
+        """Tell the announcer the VIPs are here; ``again``: restart its burst (after a restore)."""
+        if (self.announced and not again) or not self.running or self.ifindex is None:
+            return
+        if not any(r.present for r in self.records):
+            return
+        self.announced = True
+        await self.vip_changes.send(VipChange(True, self.ifname, reason, self.ifindex))
 
     # -- kernel changes ----------------------------------------------------------------------
-    async def _program(self, vip: Vip) -> Lifetime:
-        """Add/refresh one VIP with a lifetime that expires before fence_until (see module doc)."""
+    def _lifetime_now(self) -> tuple[Lifetime, float | None]:
+        remaining = None if self.fence_until is None else self.fence_until - trio.current_time() - REQUEST_BUDGET
+        return lifetime_for(remaining), remaining
+
+    def _must_defer(self, lifetime: Lifetime) -> bool:
+        return not lifetime.strict and self.strict_possible
+
+    def _defer(self, vip: Vip, action: str, remaining: float | None) -> None:
+        if not self.deferring:
+            self.deferring = True
+            self.log.info("vip.deferred", address=str(vip), action=action, term=self.term,
+                          remaining=round(remaining or 0.0, 3), needed=round(expiry_bound(1), 3),
+                          hint="too late in the lease window for a guaranteed lifetime; "
+                               "waiting for the next renew")
+
+    async def _program(self, vip: Vip, action: str) -> Lifetime | None:
+        """Add/refresh one VIP with a lifetime that expires before fence_until (see module doc).
+
+        None: deferred to the next renew (nothing programmed; a VIP this call had programmed
+        with a lifetime that its slow request made unsafe is removed again).
+        """
+        assert self.ifindex is not None
+        programmed = False
         for _attempt in range(3):
             start = trio.current_time()
-            remaining = None if self.fence_until is None else self.fence_until - start - REQUEST_BUDGET
-            lifetime = lifetime_for(remaining)
+            lifetime, remaining = self._lifetime_now()
+            if self._must_defer(lifetime):
+                if programmed:
+                    await self.kernel.delete_address(self.ifindex, vip.interface)
+                self._defer(vip, action, remaining)
+                return None
             await self.kernel.set_address(self.ifindex, vip, lifetime)
+            programmed = True
             if lifetime.seconds is None or not lifetime.strict:
                 break
             done = trio.current_time()
@@ -390,6 +549,7 @@ class AddressManager:
             if lifetime_for(self.fence_until - done).seconds == lifetime.seconds:
                 break  # slow, but still inside the bound
             self.log.debug("vip.lifetime_recompute", address=str(vip), took=round(done - start, 3))
+        self.deferring = False
         if not lifetime.strict and not self.weak_warned:
             self.weak_warned = True
             self.log.info(
@@ -401,27 +561,52 @@ class AddressManager:
 
     async def ensure(self, reason: str, term: int | None = None) -> None:
         """Put every VIP on the interface, then tell the announcer."""
+        if self.ifindex is None:
+            return  # no interface of our name: added when it comes back (reconcile)
         for vip, rec in zip(self.vips, self.records, strict=True):
-            lifetime = await self._program(vip)
+            lifetime = await self._program(vip, "add")
+            if lifetime is None:
+                continue  # deferred: the next renew adds it
+            self.placed.add(vip)
             if not rec.present:
                 rec.present, rec.interface = True, self.ifname
                 self.log.info("vip.added", address=str(vip), interface=self.ifname, term=term,
                               reason=reason, lifetime=lifetime.seconds)
-        if self.running and not self.announced:
-            self.announced = True
-            await self.vip_changes.send(VipChange(True, self.ifname, reason))
+        await self.start_announcing(reason)
 
     async def refresh(self) -> None:
-        for vip in self.vips:
-            lifetime = await self._program(vip)
-            self.log.debug("vip.lifetime_refreshed", address=str(vip), lifetime=lifetime.seconds)
+        """A renew: refresh the lifetime of every VIP present; add what is missing."""
+        if self.ifindex is None:
+            return
+        for vip, rec in zip(self.vips, self.records, strict=True):
+            if rec.present:
+                lifetime = await self._program(vip, "refresh")
+                if lifetime is not None:
+                    self.log.debug("vip.lifetime_refreshed", address=str(vip), lifetime=lifetime.seconds)
+        if not all(r.present for r in self.records):
+            await self.reconcile()  # deferred or lost VIPs: the new fence_until may allow them
 
     async def remove_all(self, reason: str) -> None:
-        for vip, rec in zip(self.vips, self.records, strict=True):
-            removed = await self.kernel.delete_address(self.ifindex, vip)
-            if removed or rec.present:
-                self.log.info("vip.removed", address=str(vip), interface=self.ifname, reason=reason)
-            rec.present = False
+        """Remove every VIP (whatever its prefix) from the interface; NetlinkError if one failed."""
+        if self.ifindex is not None:
+            current = [a for _i, a in await self.kernel.addresses(self.ifindex)]
+            for vip, rec in zip(self.vips, self.records, strict=True):
+                removed = False
+                for address in _same_ip(vip, current) or [vip.interface]:
+                    removed |= await self.kernel.delete_address(self.ifindex, address)
+                if removed or rec.present:
+                    self.log.info("vip.removed", address=str(vip), interface=self.ifname, reason=reason)
+                rec.present = False
+        for rec in self.records:
+            rec.present = False  # no interface: no address
+
+    async def stop(self) -> None:
+        """Shutdown: stop announcing (acknowledged), then remove; NetlinkError if not confirmed."""
+        needed = self.leader or any(r.present for r in self.records)
+        self.leader = False
+        await self.stop_announcing("stopping", nowait=True)
+        if needed:
+            await self.remove_all("stopping")
 
     # -- drift ---------------------------------------------------------------------------------
     async def reconcile(self, links: dict[int, tuple[str, int]] | None = None,
@@ -432,42 +617,80 @@ class AddressManager:
         if self.leader and trio.current_time() >= self.deadline:
             await self.on_deadline()
             return
+        if self.ifindex is None:
+            for rec in self.records:
+                rec.present = False
+            return
         current = [a for _i, a in await self.kernel.addresses(self.ifindex)]
-        have = {a.interface for a in current}
         restored = False
         for vip, rec in zip(self.vips, self.records, strict=True):
-            present = vip.interface in have
+            same_ip = _same_ip(vip, current)
             if not self.leader:
-                if present:
-                    await self.kernel.delete_address(self.ifindex, vip)
-                    self.log.info("vip.removed", address=str(vip), interface=self.ifname,
+                for address in same_ip:  # a crash leftover, or added by hand: whatever its prefix
+                    await self.kernel.delete_address(self.ifindex, address)
+                    self.log.info("vip.removed", address=str(address), interface=self.ifname,
                                   reason=not_leader_reason)
                 rec.present = False
                 continue
+            for address in same_ip:
+                if address != vip.interface:  # ours with another prefix (config changed): not ours
+                    await self.kernel.delete_address(self.ifindex, address)
+                    self.log.info("vip.removed", address=str(address), interface=self.ifname,
+                                  reason="other-prefix")
+            present = vip.interface in same_ip
             if present and not _behind_node_address(vip, current, self.vips):
                 rec.present = True
                 continue
             if present:  # #682: the node's own address came back behind the VIP; re-add VIP last
-                await self.kernel.delete_address(self.ifindex, vip)
+                lifetime, remaining = self._lifetime_now()
+                if self._must_defer(lifetime):  # keep it where it is until the next renew
+                    self._defer(vip, "reorder", remaining)
+                    rec.present = True
+                    continue
+                await self.kernel.delete_address(self.ifindex, vip.interface)
                 self.log.info("vip.reordered", address=str(vip), interface=self.ifname)
-            await self._program(vip)
+            lifetime = await self._program(vip, "reorder" if present else "restore")
+            if lifetime is None:
+                rec.present = False
+                continue
             rec.present, rec.interface = True, self.ifname
-            if not present:
+            if present:
+                continue
+            if vip in self.placed:
                 rec.restored += 1
                 restored = True
                 self.log.info("vip.restored", address=str(vip), interface=self.ifname,
                               restored=rec.restored)
-        if self.leader and self.running and (restored or not self.announced):
-            self.announced = True
-            await self.vip_changes.send(VipChange(True, self.ifname, "restored"))
+            else:  # deferred at acquire, added now
+                self.placed.add(vip)
+                self.log.info("vip.added", address=str(vip), interface=self.ifname, term=self.term,
+                              reason="deferred", lifetime=lifetime.seconds)
+        if self.leader:
+            await self.start_announcing("restored", again=restored)  # a restore: a new burst
+
+    async def interface_gone(self, error: NetlinkError) -> None:
+        """A request said ENODEV: the interface went away under us; wait for it to return."""
+        self.log.info("link.gone", interface=self.ifname, ifindex=self.ifindex, error=str(error))
+        await self._set_running(False, "link-gone")
+        self.ifindex = None
+        for rec in self.records:
+            rec.present = False
 
     async def _follow_link(self, links: dict[int, tuple[str, int]]) -> None:
-        entry = links.get(self.ifindex)
-        if entry is None or entry[0] != self.ifname:  # gone or renamed: follow the name
+        entry = links.get(self.ifindex) if self.ifindex is not None else None
+        if entry is None or entry[0] != self.ifname:  # gone, renamed or recreated: follow the name
             found = [i for i, (name, _f) in links.items() if name == self.ifname]
             if not found:
+                if self.ifindex is not None:
+                    self.log.info("link.gone", interface=self.ifname, ifindex=self.ifindex)
                 await self._set_running(False, "link-gone")
+                self.ifindex = None
                 return
+            # A new interface of our name: the addresses went with the old one, and the
+            # announcer must reopen its socket there (new ifindex, new MAC).
+            await self.stop_announcing("link-changed")
+            self.log.info("link.changed", interface=self.ifname, old_ifindex=self.ifindex,
+                          ifindex=found[0])
             self.ifindex = found[0]
             entry = links[self.ifindex]
         await self._set_running(link_running(entry[1]), "link-down")
@@ -476,11 +699,15 @@ class AddressManager:
         if running == self.running:
             return
         self.running = running
-        self.log.info("link.up" if running else "link.down", interface=self.ifname)
-        if not running and self.announced:
-            self.announced = False
-            await self.vip_changes.send(VipChange(False, self.ifname, reason))
+        self.log.info("link.up" if running else "link.down", interface=self.ifname, reason=reason)
+        if not running:
+            await self.stop_announcing(reason)
         # Link up: reconcile() re-announces (reason "restored") when leader.
+
+
+def _same_ip(vip: Vip, current: Sequence[KernelAddress]) -> list[Address]:
+    """Addresses on the interface with the VIP's IP, whatever their prefix."""
+    return [a.interface for a in current if a.interface.ip == vip.interface.ip]
 
 
 def _behind_node_address(vip: Vip, current: Sequence[KernelAddress], ours: Sequence[Vip]) -> bool:
@@ -516,26 +743,43 @@ async def run_address_task(
     state: RuntimeState,
     leadership: trio.MemoryReceiveChannel,
     vip_changes: Fanout,
+    release_gate: ReleaseGate | None = None,
     *,
+    kernel: Kernel | None = None,
+    open_events: Callable[[], trio.socket.SocketType] = open_event_socket,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Keep the VIP(s) on the interface exactly while this node leads (see module doc)."""
+    """Keep the VIP(s) on the interface exactly while this node leads (see module doc).
+
+    At stop, ``release_gate`` is set once every VIP is confirmed removed, else withheld (why is
+    logged). ``kernel`` and ``open_events`` exist for tests (a recording fake under MockClock).
+    """
     logger = log.get("address")
-    kernel = Kernel()
-    await kernel.open()
+    kernel = Kernel() if kernel is None else kernel
     events: trio.socket.SocketType | None = None
     mgr: AddressManager | None = None
     try:
+        await kernel.open()
         ifname, ifindex = await resolve_interface(cfg, kernel)
-        events = open_event_socket()  # before the first look, so no change slips between
+        events = open_events()  # before the first look, so no change slips between
         mgr = AddressManager(cfg, state, kernel, vip_changes, ifname, ifindex)
         await mgr.reconcile(await kernel.links(), "leftover")  # not leader yet: a crash leftover goes
         logger.info("address.started", interface=ifname, vips=[str(v) for v in cfg.vip.addresses])
         # Name the interface to the announcer now, so it can get ready before any acquire.
-        await vip_changes.send(VipChange(False, ifname, "standby"))
+        await vip_changes.send(VipChange(False, ifname, "standby", ifindex))
         task_status.started()
 
+        # Leadership events and wake-ups share one inbox; "a reconcile is wanted" is a flag, so
+        # a burst of netlink events costs one reconcile and can never fill the inbox.
         inbox_send, inbox = trio.open_memory_channel[tuple[str, Any]](64)
+        reconcile_wanted = False
+
+        def want_reconcile() -> None:
+            nonlocal reconcile_wanted
+            if not reconcile_wanted:
+                reconcile_wanted = True
+                with contextlib.suppress(trio.WouldBlock):  # a full inbox wakes the loop anyway
+                    inbox_send.send_nowait(("wake", None))
 
         async def forward_leadership() -> None:
             async with leadership:
@@ -543,42 +787,69 @@ async def run_address_task(
                     await inbox_send.send(("leadership", ev))
 
         async def watch_netlink() -> None:
-            assert events is not None
+            assert events is not None and mgr is not None
             while True:
-                data = await events.recv(1 << 16)
-                ours = any(e.ifindex == mgr.ifindex or e.kind != "addr" for e in parse_events(data))
-                if ours:
-                    try:
-                        inbox_send.send_nowait(("netlink", None))
-                    except trio.WouldBlock:
-                        pass  # a reconcile is already queued
+                got = await read_events(events)
+                if any(e.kind == "overrun" for e in got):
+                    logger.warning("netlink.overrun", interface=mgr.ifname,
+                                   hint="kernel dropped events; reconciling from a full dump")
+                if any(e.kind != "addr" or e.ifindex == mgr.ifindex for e in got):
+                    want_reconcile()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(forward_leadership)
             nursery.start_soon(watch_netlink)
             while True:
-                with trio.move_on_at(mgr.deadline):
-                    kind, payload = await inbox.receive()
+                # Leadership first (a renew already queued beats our own deadline), then a
+                # wanted reconcile, else wait, but only until safe_until.
+                try:
+                    kind, payload = inbox.receive_nowait()
+                except trio.WouldBlock:
+                    kind, payload = "wake", None
+                    if not reconcile_wanted:
+                        with trio.move_on_at(mgr.deadline) as waiting:
+                            kind, payload = await inbox.receive()
+                        if waiting.cancelled_caught:
+                            await mgr.on_deadline()
+                            continue
+                try:
                     if kind == "leadership":
                         await mgr.on_leadership(payload)
-                    else:
+                    elif reconcile_wanted:
+                        reconcile_wanted = False  # events from now on want another pass
                         await mgr.reconcile(await kernel.links())
-                    continue
-                await mgr.on_deadline()
+                except NetlinkError as exc:
+                    if exc.errno != errno.ENODEV:
+                        raise
+                    await mgr.interface_gone(exc)
+                    want_reconcile()  # it may be back already
     finally:
         with trio.CancelScope(shield=True):
-            with trio.move_on_after(CLEANUP_TIMEOUT) as cleanup:
-                if mgr is not None and (mgr.leader or any(r.present for r in mgr.records)):
-                    if mgr.announced:
-                        mgr.announced = False
-                        vip_changes.send_nowait(VipChange(False, mgr.ifname, "stopping"))
-                    mgr.leader = False
-                    try:
-                        await mgr.remove_all("stopping")
-                    except NetlinkError as exc:
-                        logger.error("vip.remove_failed", error=str(exc))
-                if events is not None:
-                    events.close()
-                await kernel.close()
-            if cleanup.cancelled_caught:
-                logger.error("vip.cleanup_timeout", timeout=CLEANUP_TIMEOUT)
+            await _clean_up(mgr, kernel, events, release_gate, logger)
+
+
+async def _clean_up(mgr: AddressManager | None, kernel: Kernel, events: trio.socket.SocketType | None,
+                    release_gate: ReleaseGate | None, logger: Any) -> None:
+    """Shielded, bounded: stop announcing, remove the VIPs, give the election its word, close."""
+    failure: str | None = None
+    with trio.move_on_after(CLEANUP_TIMEOUT) as cleanup:
+        if mgr is not None:
+            try:
+                await mgr.stop()
+            except NetlinkError as exc:
+                failure = f"remove failed: {exc}"
+                logger.error("vip.remove_failed", error=str(exc))
+    if cleanup.cancelled_caught:
+        failure = f"cleanup timed out after {CLEANUP_TIMEOUT:g}s"
+        logger.error("vip.cleanup_timeout", timeout=CLEANUP_TIMEOUT)
+    if release_gate is not None:
+        if failure is None:  # every VIP confirmed gone (or never added by this process)
+            release_gate.set()
+        else:
+            logger.error("vip.release_withheld", reason=failure,
+                         hint="the lease is left to expire; the kernel lifetime removes the VIP")
+            release_gate.withhold(failure)
+    if events is not None:
+        events.close()
+    with trio.move_on_after(CLEANUP_TIMEOUT):
+        await kernel.close()
