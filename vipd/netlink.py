@@ -699,7 +699,10 @@ class AddressManager:
         if running == self.running:
             return
         self.running = running
-        self.log.info("link.up" if running else "link.down", interface=self.ifname, reason=reason)
+        if running:
+            self.log.info("link.up", interface=self.ifname)
+        else:
+            self.log.info("link.down", interface=self.ifname, reason=reason)  # carrier lost, or gone
         if not running:
             await self.stop_announcing(reason)
         # Link up: reconcile() re-announces (reason "restored") when leader.
