@@ -325,12 +325,33 @@ async def test_short_lease_keeps_best_effort_and_says_so_once(mock_clock):
             assert not m.mgr.strict_possible
             t0 = trio.current_time()
             await m.mgr.on_leadership(Leadership(True, "n1", 1, safe_until=t0 + 1.5, fence_until=t0 + 1.95))
-            await trio.sleep(1.0)
-            del m.kernel.present["10.0.0.50/32"]
+            await trio.sleep(0.6)
+            del m.kernel.present["10.0.0.50/32"]  # ip addr del, inside the 1 s lifetime
             await m.mgr.reconcile()
             assert m.kernel.present == {"10.0.0.50/32": 1}  # restored at once, 1 s best effort
     events = [e["event"] for e in logs]
     assert events.count("vip.fence_weak") == 1 and "vip.deferred" not in events
+
+
+async def test_vip_gone_by_its_own_lifetime_waits_for_the_next_renew(mock_clock):
+    """Renewals stopped refreshing the lifetime and the kernel dropped the VIP: putting it back
+    (still before safe_until) would keep it a whole lifetime past the last renew's fence."""
+    with capture_logs() as logs:
+        async with manager(_cfg()) as m:
+            t0 = trio.current_time()
+            await m.mgr.on_leadership(Leadership(True, "n1", 1, safe_until=t0 + 1.5, fence_until=t0 + 1.95))
+            await trio.sleep(1.0)  # no renew came: the 1 s lifetime is over
+            del m.kernel.present["10.0.0.50/32"]  # the kernel expired it
+            sets = len([c for c in m.kernel.calls if c[1] == "set"])
+            await m.mgr.reconcile()
+            await m.mgr.reconcile()
+            assert m.kernel.present == {} and not m.state.vips[0].present
+            assert len([c for c in m.kernel.calls if c[1] == "set"]) == sets  # not re-added
+            now = trio.current_time()  # a late renew after all: the VIP comes back with it
+            await m.mgr.on_leadership(Leadership(True, "n1", 1, safe_until=now + 1.5, fence_until=now + 1.95))
+            assert m.kernel.present == {"10.0.0.50/32": 1} and m.state.vips[0].present
+    events = [e["event"] for e in logs]
+    assert events.count("vip.expired") == 1 and events.count("vip.restored") == 1
 
 
 async def test_leftover_with_another_prefix_is_removed(mock_clock):
