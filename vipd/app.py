@@ -7,11 +7,12 @@ shared ``RuntimeState``), and the shutdown sequence. Theory of operation:
                →  election (last, so every consumer is listening before the first event)
     shutdown:  (SIGTERM/SIGINT, or a task failed)
                1. mark stopping (/readyz fails, STOPPING=1)
-               2. cancel the data plane: the announcer stops, the address task removes the
-                  VIP in its shielded cleanup, the proxy stops accepting and drains
+               2. the announcer stops, the address task removes the VIP in its shielded
+                  cleanup
                3. once the address task confirmed the VIP gone (``vip_released``), the election
                   releases the lease; if it could not confirm, the lease is left to expire
-               4. services stop; exit 0, or 1 if a task failed or the deadline passed
+               4. the proxy stops accepting (it served the VIP until the hand-over) and drains
+               5. services stop; exit 0, or 1 if a task failed or the deadline passed
     A second signal during shutdown forces exit at once (exit 1); the kernel address
     lifetime still removes the VIP (see docs/announce.md).
 
@@ -233,16 +234,18 @@ async def supervise(
 
             async with trio.open_nursery() as sd:
                 sd.start_soon(forced_exit)
-                # Data plane first; the proxy drains while the VIP and lease are handed over.
-                for group in ("vip", "proxy"):
-                    if group in scopes:
-                        scopes[group].cancel()
+                # The VIP goes first, then the lease is handed over. The proxy keeps accepting
+                # until then: a client that still reaches this node through the VIP is served
+                # instead of refused, so the hand-over costs clients only the VIP's move. Then
+                # it stops accepting and drains.
                 if "vip" in scopes:
+                    scopes["vip"].cancel()
                     await vip_done.wait()
                 if "election" in scopes:
                     scopes["election"].cancel()
                     await election_done.wait()
                 if "proxy" in scopes:
+                    scopes["proxy"].cancel()
                     await proxy_done.wait()
                 if "services" in scopes:
                     scopes["services"].cancel()
