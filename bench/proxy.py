@@ -164,11 +164,17 @@ def _run(argv: list[str], timeout: float = 120) -> str:
 
 
 def iperf3(host: str, port: int, streams: int) -> float:
-    """Gbit/s received."""
-    out = json.loads(_run(["iperf3", "-c", host, "-p", str(port), "-t", str(DUR), "-P", str(streams), "-J"]))
-    if "error" in out:
-        raise RuntimeError(f"iperf3 via {host}:{port}: {out['error']}")
-    return out["end"]["sum_received"]["bits_per_second"] / 1e9
+    """Gbit/s received. iperf3's server takes one test at a time and may still be busy with the
+    previous one (or with the readiness probe's connection): that answer is retried."""
+    for attempt in range(5):
+        out = json.loads(_run(["iperf3", "-c", host, "-p", str(port), "-t", str(DUR), "-P", str(streams), "-J"]))
+        error = out.get("error", "")
+        if not error:
+            return out["end"]["sum_received"]["bits_per_second"] / 1e9
+        if "busy" not in error and "control message" not in error or attempt == 4:
+            raise RuntimeError(f"iperf3 via {host}:{port}: {error}")
+        time.sleep(0.5)
+    raise AssertionError("unreachable")
 
 
 @dataclass
