@@ -183,6 +183,7 @@ class Wrk:
     p50: float  # seconds
     p99: float
     errors: int
+    requests: int = 0
 
 
 def _order(rnd: int) -> list[str]:
@@ -205,7 +206,16 @@ def wrk(host: str, port: int, conns: int, close: bool, seconds: int = DUR) -> Wr
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     errs = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return Wrk(rps, lat("50"), lat("99"), errs + (int(non2xx.group(1)) if non2xx else 0))
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    return Wrk(rps, lat("50"), lat("99"), errs + (int(non2xx.group(1)) if non2xx else 0), requests)
+
+
+def cpu_seconds(proc: subprocess.Popen | None) -> float:
+    """User + system CPU time of a proxy process so far (all its threads), from /proc."""
+    if proc is None:
+        return 0.0
+    fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _rss(pid: int) -> int:
@@ -282,6 +292,10 @@ def _metrics() -> list[Metric]:
         Metric("lat1", "p50, 1 conn", "µs", False, None, fmt="{:.0f}"),
         Metric("hop", "added per-hop latency (p50, 1 conn)", "µs", False, 1.5, fmt="{:.0f}"),
         Metric("rss", f"RSS per idle connection ({IDLE:,} held)", "bytes", False, 2.0, fmt="{:.0f}"),
+        # CPU per unit of work: what each proxy costs the machine, less sensitive to the
+        # scheduling noise that moves the rates (on 2 cores the proxy's CPU is the clients').
+        Metric("cpu_gb", "proxy CPU per GB (iperf3, 1 stream)", "ms", False, None, fmt="{:.0f}"),
+        Metric("cpu_conn", "proxy CPU per connection (Connection: close)", "µs", False, None, fmt="{:.0f}"),
     ]
 
 
@@ -300,6 +314,8 @@ COMMANDS = [
     "median over rounds of vipd / tuned HAProxy measured in the same round, which the target is "
     "judged on (one lucky or unlucky round moves a best-of ratio, not a median of paired ones)",
     f"(d) python -m bench.proxy hold HOST {FRONT_PORT} {IDLE}   # RSS from /proc/PID/status before/after",
+    "CPU per GB / per connection: the proxy process's utime + stime (/proc/PID/stat) around (a) with 1 "
+    "stream / (b), divided by the bytes / requests",
     "HOST: direct = the backend itself; haproxy-stock 127.77.1.1, haproxy-tuned 127.77.2.1, vipd 127.77.3.1",
     "added per-hop latency = median p50 with 1 connection through the proxy - the same direct",
 ]
@@ -330,18 +346,24 @@ def main(progress: Progress) -> str:
                 at = {k: stack.enter_context(running(k, tmp, IPERF_PORT)) for k in KINDS}
                 for rnd in range(ROUNDS):
                     for kind in _order(rnd):
-                        host, port, _ = at[kind]
+                        host, port, proc = at[kind]
                         for streams, key in ((1, "tput1"), (4, "tput4")):
+                            cpu0 = cpu_seconds(proc)
                             v = iperf3(host, port, streams)
                             samples[key][kind].append(v)
+                            if streams == 1 and proc is not None:
+                                samples["cpu_gb"][kind].append((cpu_seconds(proc) - cpu0) * 1e3 / (v * DUR / 8))
                             say(f"round {rnd + 1} {kind:14s} iperf3 -P{streams}: {v:.1f} Gbit/s")
             with ExitStack() as stack:
                 at = {k: stack.enter_context(running(k, tmp, NGINX_PORT)) for k in KINDS}
                 for rnd in range(ROUNDS):
                     for kind in _order(rnd):
-                        host, port, _ = at[kind]
+                        host, port, proc = at[kind]
+                        cpu0 = cpu_seconds(proc)
                         w = wrk(host, port, 32, close=True)
                         samples["connrate"][kind].append(w.rps)
+                        if proc is not None and w.requests:
+                            samples["cpu_conn"][kind].append((cpu_seconds(proc) - cpu0) * 1e6 / w.requests)
                         say(f"round {rnd + 1} {kind:14s} wrk close: {w.rps:.0f} conn/s (errors {w.errors})")
                         w = wrk(host, port, 64, close=False)
                         samples["ka_rps"][kind].append(w.rps)
