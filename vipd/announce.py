@@ -262,25 +262,24 @@ async def run_announcer(
     def apply(change: VipChange) -> None:
         """Take one change into account; a stop is acknowledged here (nothing more is sent)."""
         nonlocal interface, ifindex
-        moved = change.interface != interface or (change.ifindex and change.ifindex != ifindex)
         interface, ifindex = change.interface, change.ifindex or ifindex
-        stale = sender is None or sender.ifname != interface or (
-            ifindex and getattr(sender, "ifindex", ifindex) != ifindex)
-        if moved or stale:
+        if not change.present:
+            if schedule.active:
+                schedule.stop()
+                logger.info("announce.stopped", interface=change.interface, reason=change.reason)
+            if change.stopped is not None:
+                # Acknowledged at once: the address task removes the VIP only after this. The
+                # socket is looked at again with the next change that names an interface.
+                change.stopped.set()
+                return
+        if sender is None or sender.ifname != interface or (ifindex and sender.ifindex != ifindex):
             # Open the socket and build the frames as soon as the interface is known (the
-            # address task names it at start), so acquiring costs only the sends.
-            close_sender()
+            # address task names it at start, "standby"), so acquiring costs only the sends.
             open_for(interface)
         if change.present:
             schedule.start(trio.current_time())
             logger.info("announce.started", interface=change.interface, reason=change.reason,
                         mac=_mac_str(sender.mac) if sender is not None else None)
-        else:
-            if schedule.active:
-                schedule.stop()
-                logger.info("announce.stopped", interface=change.interface, reason=change.reason)
-            if change.stopped is not None:
-                change.stopped.set()
 
     # Import scapy and build once before reporting ready: the first import takes ~0.5 s, which
     # must not stall the loop once started (the interface may only be named later, at
@@ -290,6 +289,7 @@ async def run_announcer(
         with contextlib.suppress(OSError):
             sender = open_sender(interface)
             frames = frames_for(cfg.vip.addresses, sender.mac)
+            ifindex = sender.ifindex
     task_status.started()
     try:
         while True:
