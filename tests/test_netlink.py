@@ -27,7 +27,9 @@ from vipd.config import Vip, load
 from vipd.errors import ConfigError, NetlinkError
 from vipd.events import Fanout, Leadership, ReleaseGate
 from vipd.netlink import (
+    ANNOUNCE_STOP_TIMEOUT,
     IFA_F_SECONDARY,
+    REQUEST_BUDGET,
     RTM_DELADDR,
     RTM_NEWLINK,
     AddressManager,
@@ -238,6 +240,25 @@ async def test_task_fences_itself_when_no_renew_comes(mock_clock):
     assert t.journal[1:5] == [("set", "10.0.0.50/32"), ("announce", True, "acquired"),
                              ("announce", False, "expired"), ("del", "10.0.0.50/32")]
     assert [e["event"] for e in logs].count("vip.fence_expired") == 1
+
+
+async def test_unacknowledged_stop_never_delays_removal_past_the_fence(mock_clock):
+    """An announcer that never acknowledges its stop: at safe_until the address task waits for
+    it only as long as the fence allows (here 0.2 s, not ANNOUNCE_STOP_TIMEOUT), then removes."""
+    journal: list = []
+    kernel = FakeKernel(journal)
+    state, changes = RuntimeState(node="n1"), Fanout()
+    deaf = changes.subscribe()  # an announcer that takes messages and never answers
+    mgr = AddressManager(_cfg(), state, kernel, changes, "eth0", 2)
+    t0 = trio.current_time()
+    await mgr.on_leadership(Leadership(True, "n1", 1, safe_until=t0 + 1.5, fence_until=t0 + 1.75))
+    assert deaf.receive_nowait().present
+    await trio.sleep_until(mgr.deadline)
+    await mgr.on_deadline()
+    deleted = [c for c in kernel.calls if c[1] == "del"]
+    assert deleted and deleted[0][0] <= t0 + 1.75 - REQUEST_BUDGET + 1e-9  # inside the fence
+    assert deleted[0][0] < t0 + 1.5 + ANNOUNCE_STOP_TIMEOUT
+    assert kernel.present == {}
 
 
 @pytest.mark.parametrize("fault", [None, "error", "hang"])

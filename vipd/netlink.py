@@ -57,7 +57,6 @@ import math
 import os
 import queue
 import socket
-import struct
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -70,6 +69,25 @@ from vipd import log
 from vipd.config import Config, Vip
 from vipd.errors import ConfigError, NetlinkError
 from vipd.events import Fanout, Leadership, ReleaseGate, VipChange
+from vipd.nlmsg import (
+    IFADDRMSG,
+    IFINFOMSG,
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_REPLACE,
+    NLM_F_REQUEST,
+    NLMSG_ERROR,
+    NLMSG_OVERRUN,
+    RTM_DELADDR,
+    RTM_DELLINK,
+    RTM_NEWADDR,
+    RTM_NEWLINK,
+    RTMGRP_IPV4_IFADDR,
+    RTMGRP_IPV6_IFADDR,
+    RTMGRP_LINK,
+    error_code,
+    messages,
+)
 from vipd.state import RuntimeState, VipState
 
 T = TypeVar("T")
@@ -132,6 +150,12 @@ def lifetime_for(remaining: float | None) -> Lifetime:
     return Lifetime(1, False)
 
 
+
+def renew_lifetime(lease_duration: float) -> Lifetime:
+    """The lifetime a renew gives the VIP: right after a renew, ``fence_until - now`` is about
+    the lease duration, less the request's budget."""
+    return lifetime_for(lease_duration - REQUEST_BUDGET)
+
 def choose_interface(
     vip: ipaddress.IPv4Interface | ipaddress.IPv6Interface,
     addresses: Iterable[tuple[str, ipaddress.IPv4Interface | ipaddress.IPv6Interface]],
@@ -153,14 +177,7 @@ def choose_interface(
     return best[1] if best else default_route_ifname
 
 
-RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_DELADDR = 16, 17, 20, 21
-NLMSG_ERROR, NLMSG_OVERRUN = 2, 4
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_REPLACE, NLM_F_CREATE = 0x1, 0x4, 0x100, 0x400
-RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR = 0x1, 0x10, 0x100
 IFF_UP, IFF_LOWER_UP = 0x1, 0x10000
-_NLMSGHDR = struct.Struct("=IHHII")
-_IFADDRMSG = struct.Struct("=BBBBI")
-_IFINFOMSG = struct.Struct("=BxHiII")
 
 
 @dataclass(frozen=True)
@@ -173,20 +190,14 @@ class NetlinkEvent:
 def parse_events(data: bytes) -> list[NetlinkEvent]:
     """Split one netlink datagram into the few facts the address task reacts to."""
     out: list[NetlinkEvent] = []
-    off = 0
-    while off + _NLMSGHDR.size <= len(data):
-        length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, off)
-        if length < _NLMSGHDR.size:
-            break
-        body = off + _NLMSGHDR.size
-        if kind in (RTM_NEWADDR, RTM_DELADDR) and body + _IFADDRMSG.size <= len(data):
-            out.append(NetlinkEvent("addr", _IFADDRMSG.unpack_from(data, body)[4]))
-        elif kind in (RTM_NEWLINK, RTM_DELLINK) and body + _IFINFOMSG.size <= len(data):
-            _family, _type, index, ifi_flags, _change = _IFINFOMSG.unpack_from(data, body)
+    for kind, _seq, body in messages(data):
+        if kind in (RTM_NEWADDR, RTM_DELADDR) and len(body) >= IFADDRMSG.size:
+            out.append(NetlinkEvent("addr", IFADDRMSG.unpack_from(body)[4]))
+        elif kind in (RTM_NEWLINK, RTM_DELLINK) and len(body) >= IFINFOMSG.size:
+            _family, _type, index, ifi_flags, _change = IFINFOMSG.unpack_from(body)
             out.append(NetlinkEvent("link" if kind == RTM_NEWLINK else "link-gone", index, ifi_flags))
         elif kind == NLMSG_OVERRUN:
             out.append(NetlinkEvent("overrun", 0))
-        off += (length + 3) & ~3
     return out
 
 
@@ -240,10 +251,6 @@ class NetlinkThread:
         """The thread ends after the calls already queued."""
         self._jobs.put(None)
 
-    @property
-    def ident(self) -> int | None:
-        return self._thread.ident
-
 
 class Kernel:
     """Thin pyroute2 adapter: every call runs on one ``NetlinkThread``, one at a time.
@@ -279,10 +286,13 @@ class Kernel:
         self._ipr = await self._run("open rtnetlink", IPRoute)
         try:
             sock = trio.socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-            await sock.bind((0, 0))
         except OSError as exc:
             raise NetlinkError(f"open rtnetlink: {exc.strerror or exc}", exc.errno) from exc
-        self._req = sock
+        self._req = sock  # close() closes it, also when the bind below fails
+        try:
+            await sock.bind((0, 0))
+        except OSError as exc:
+            raise NetlinkError(f"bind rtnetlink: {exc.strerror or exc}", exc.errno) from exc
 
     async def close(self) -> None:
         if self._req is not None:
@@ -408,16 +418,8 @@ def address_message(kind: int, seq: int, ifindex: int, address: Address, lifetim
 
 def parse_acks(data: bytes) -> list[tuple[int, int]]:
     """(sequence number, errno) of every NLMSG_ERROR (an ACK when errno is 0) in ``data``."""
-    out = []
-    offset = 0
-    while offset + _NLMSGHDR.size <= len(data):
-        length, kind, _flags, seq, _pid = _NLMSGHDR.unpack_from(data, offset)
-        if length < _NLMSGHDR.size:
-            break
-        if kind == NLMSG_ERROR and length >= _NLMSGHDR.size + 4:
-            out.append((seq, -struct.unpack_from("=i", data, offset + _NLMSGHDR.size)[0]))
-        offset += (length + 3) & ~3
-    return out
+    return [(seq, err) for kind, seq, body in messages(data)
+            if kind == NLMSG_ERROR and (err := error_code(body)) is not None]
 
 
 def default_route_oif(oif: int | None, multipath: list[dict[str, Any]] | None) -> int | None:
@@ -513,7 +515,7 @@ class AddressManager:
         self.expired: set[Vip] = set()
         # Right after a renew, fence_until - now is about the lease duration: if that gives a
         # guaranteed lifetime, never settle for an unguaranteed one (see module doc).
-        self.strict_possible = lifetime_for(cfg.election.lease_duration - REQUEST_BUDGET).strict
+        self.strict_possible = renew_lifetime(cfg.election.lease_duration).strict
 
     # -- leadership ------------------------------------------------------------------------
     async def on_leadership(self, ev: Leadership) -> None:
@@ -547,16 +549,17 @@ class AddressManager:
         return self.safe_until if (self.leader and self.safe_until is not None) else math.inf
 
     async def lose(self, reason: str) -> None:
-        was_leader, self.leader = self.leader, False
+        was_leader, self.leader, fence = self.leader, False, self.fence_until
         self.safe_until = self.fence_until = None
         self.placed.clear()
         self.expires_at.clear()
-        await self.stop_announcing(reason)  # stop announcing first (acknowledged) ...
+        await self.stop_announcing(reason, fence=fence)  # stop announcing first (acknowledged) ...
         if was_leader or any(r.present for r in self.records):
             await self.remove_all(reason)  # ... then remove
 
-    async def stop_announcing(self, reason: str, *, nowait: bool = False) -> None:
-        """Tell the announcer to stop and wait until it acknowledged (bounded).
+    async def stop_announcing(self, reason: str, *, nowait: bool = False, fence: float | None = None) -> None:
+        """Tell the announcer to stop and wait until it acknowledged (bounded, and never past
+        ``fence`` less a request's time: the removal that follows must beat the next leader).
 
         ``nowait``: the shielded stop path, where a full channel must not block the cleanup.
         """
@@ -568,11 +571,14 @@ class AddressManager:
         delivered = self.vip_changes.send_nowait(change) if nowait else await self.vip_changes.send(change)
         if not delivered:
             return  # nobody announces (announce disabled, or the announcer is gone)
-        with trio.move_on_after(ANNOUNCE_STOP_TIMEOUT):
+        timeout = ANNOUNCE_STOP_TIMEOUT
+        if fence is not None:
+            timeout = min(timeout, max(0.0, fence - trio.current_time() - REQUEST_BUDGET))
+        with trio.move_on_after(timeout):
             await stopped.wait()
         if not stopped.is_set():
             self.log.warning("announce.stop_unconfirmed", interface=self.ifname, reason=reason,
-                             timeout=ANNOUNCE_STOP_TIMEOUT)
+                             timeout=round(timeout, 3))
 
     async def start_announcing(self, reason: str, *, again: bool = False) -> None:
         """Tell the announcer the VIPs are here; ``again``: restart its burst (after a restore)."""
@@ -669,18 +675,21 @@ class AddressManager:
             await self.reconcile(renewed=True)
 
     async def remove_all(self, reason: str) -> None:
-        """Remove every VIP (whatever its prefix) from the interface; NetlinkError if one failed."""
+        """Remove every VIP (whatever its prefix) from the interface; NetlinkError if one failed.
+
+        The VIPs themselves go first, one request each: this removal races the next leader.
+        Copies with another prefix (a changed configuration, added by hand) are looked for in a
+        dump afterwards."""
         if self.ifindex is not None:
+            removed = [await self.kernel.delete_address(self.ifindex, vip.interface) for vip in self.vips]
             current = [a for _i, a in await self.kernel.addresses(self.ifindex)]
-            for vip, rec in zip(self.vips, self.records, strict=True):
-                removed = False
-                for address in _same_ip(vip, current) or [vip.interface]:
-                    removed |= await self.kernel.delete_address(self.ifindex, address)
-                if removed or rec.present:
+            for i, (vip, rec) in enumerate(zip(self.vips, self.records, strict=True)):
+                for address in _same_ip(vip, current):
+                    removed[i] |= await self.kernel.delete_address(self.ifindex, address)
+                if removed[i] or rec.present:
                     self.log.info("vip.removed", address=str(vip), interface=self.ifname, reason=reason)
-                rec.present = False
         for rec in self.records:
-            rec.present = False  # no interface: no address
+            rec.present = False
 
     async def stop(self) -> None:
         """Shutdown: stop announcing (acknowledged), then remove; NetlinkError if not confirmed."""
@@ -962,5 +971,4 @@ async def _clean_up(mgr: AddressManager | None, kernel: Kernel, events: trio.soc
             release_gate.withhold(failure)
     if events is not None:
         events.close()
-    with trio.move_on_after(CLEANUP_TIMEOUT):
-        await kernel.close()
+    await kernel.close()  # a request in flight on pyroute2's thread cannot be cancelled: unbounded, ms

@@ -241,7 +241,9 @@ class _Election:
         self.publisher.close([_leadership(change) for change in d.changes])
         if d.action is Action.RELEASE and not gate_ok:
             # The VIP may still be up here: let the lease run out instead of handing it over.
-            self.log.warning("election.release_skipped", reason="vip not confirmed removed")
+            # (a ReleaseGate says why; a plain trio.Event cannot be withheld)
+            why = getattr(release_gate, "withheld", None) or "vip not confirmed removed"
+            self.log.warning("election.release_skipped", reason=why)
         elif d.action is Action.RELEASE:
             assert d.deadline is not None
             try:

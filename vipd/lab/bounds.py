@@ -82,7 +82,7 @@ class Bounds:
     @property
     def lifetime(self) -> netlink.Lifetime:
         """The address lifetime vipd gives the VIP on each renew (see vipd/netlink.py)."""
-        return netlink.lifetime_for(self.lease_duration - netlink.REQUEST_BUDGET)
+        return netlink.renew_lifetime(self.lease_duration)
 
     @property
     def fence_strict(self) -> bool:

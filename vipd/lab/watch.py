@@ -41,46 +41,43 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Iterator
 
 from vipd.lab import nsutil
+from vipd.nlmsg import (
+    IFA_ADDRESS,
+    IFA_LOCAL,
+    IFADDRMSG,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    NLMSGHDR,
+    RTATTR,
+    RTM_DELADDR,
+    RTM_GETADDR,
+    RTM_NEWADDR,
+    error_code,
+    messages,
+)
 
 NETLINK_ROUTE = 0
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP, NETLINK_LISTEN_ALL_NSID = 1, 8
 RTNLGRP_IPV4_IFADDR = 5
-RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-IFA_ADDRESS, IFA_LOCAL = 1, 2
-_NLMSGHDR = struct.Struct("=IHHII")
-_IFADDRMSG = struct.Struct("=BBBBI")
-_RTATTR = struct.Struct("=HH")
 EVENT_BUFFER = 8 << 20  # bytes of kernel queue for events (SO_RCVBUFFORCE, root)
 PIPE_SIZE = 1 << 20
 
 Key = tuple[int, int]  # (ifindex, prefix length) of one VIP address in one namespace
 
 
-def messages(data: bytes) -> Iterator[tuple[int, int, bytes, int]]:
-    """(type, seq, payload, offset) of each netlink message in ``data``."""
-    off = 0
-    while off + _NLMSGHDR.size <= len(data):
-        length, mtype, _flags, seq, _pid = _NLMSGHDR.unpack_from(data, off)
-        if length < _NLMSGHDR.size:
-            raise nsutil.LabError("netlink: malformed message")
-        yield mtype, seq, data[off + _NLMSGHDR.size : off + length], off
-        off += (length + 3) & ~3
-
-
 def address_of(payload: bytes) -> tuple[Key, set[bytes]]:
     """An ifaddrmsg: its (ifindex, prefixlen) and its IFA_LOCAL / IFA_ADDRESS values."""
-    _family, prefixlen, _flags, _scope, ifindex = _IFADDRMSG.unpack_from(payload)
+    _family, prefixlen, _flags, _scope, ifindex = IFADDRMSG.unpack_from(payload)
     found: set[bytes] = set()
-    a = _IFADDRMSG.size
-    while a + _RTATTR.size <= len(payload):
-        alen, atype = _RTATTR.unpack_from(payload, a)
-        if alen < _RTATTR.size:
+    a = IFADDRMSG.size
+    while a + RTATTR.size <= len(payload):
+        alen, atype = RTATTR.unpack_from(payload, a)
+        if alen < RTATTR.size:
             break
         if atype in (IFA_LOCAL, IFA_ADDRESS):
             found.add(bytes(payload[a + 4 : a + alen]))
@@ -90,19 +87,19 @@ def address_of(payload: bytes) -> tuple[Key, set[bytes]]:
 
 def dump_keys(sock: socket.socket, seq: int, vip: bytes) -> set[Key]:
     """One RTM_GETADDR dump (IPv4) on ``sock``: where in that namespace ``vip`` is configured."""
-    body = _IFADDRMSG.pack(socket.AF_INET, 0, 0, 0, 0)
-    sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
+    body = IFADDRMSG.pack(socket.AF_INET, 0, 0, 0, 0)
+    sock.send(NLMSGHDR.pack(NLMSGHDR.size + len(body), RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
     keys: set[Key] = set()
     while True:
-        for mtype, mseq, payload, _ in messages(sock.recv(65536)):
+        for mtype, mseq, payload in messages(sock.recv(65536)):
             if mseq != seq:
                 continue
             if mtype == NLMSG_DONE:
                 return keys
             if mtype == NLMSG_ERROR:
-                (code,) = struct.unpack_from("=i", payload)
+                code = error_code(payload)
                 if code:
-                    raise nsutil.LabError(f"netlink dump failed: {errno.errorcode.get(-code, code)}")
+                    raise nsutil.LabError(f"netlink dump failed: {errno.errorcode.get(code, code)}")
             if mtype == RTM_NEWADDR:
                 key, addrs = address_of(payload)
                 if vip in addrs:
@@ -216,7 +213,7 @@ def run(namespaces: dict[str, str], nsids: dict[int, int], vip: str, interval: f
             if node is None:  # the switch's own or a foreign namespace
                 continue
             before = _mask(state)
-            for mtype, _seq, payload, _ in messages(data):
+            for mtype, _seq, payload in messages(data):
                 if mtype not in (RTM_NEWADDR, RTM_DELADDR):
                     continue
                 key, addrs = address_of(payload)
