@@ -797,9 +797,10 @@ def load(
     return _build(values, sources)
 
 
-def load_args(args: Any, *, require_vip: bool = True, warnings: list[str] | None = None) -> Config:
+def load_args(args: Any, *, environ: Mapping[str, str] | None = None, require_vip: bool = True,
+              warnings: list[str] | None = None) -> Config:
     """``load`` from an argparse namespace built with ``add_flags`` (and ``--config``)."""
-    return load(file=getattr(args, "config", None), flags=collect_flags(args),
+    return load(file=getattr(args, "config", None), environ=environ, flags=collect_flags(args),
                 require_vip=require_vip, warnings=warnings)
 
 

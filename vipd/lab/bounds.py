@@ -70,9 +70,7 @@ class Bounds:
         parser = argparse.ArgumentParser(add_help=False)
         parser.add_argument("--config")
         config_mod.add_flags(parser)
-        ns = parser.parse_args(args)
-        return cls.from_config(config_mod.load(file=ns.config, environ={},
-                                               flags=config_mod.collect_flags(ns)))
+        return cls.from_config(config_mod.load_args(parser.parse_args(args), environ={}))
 
     @classmethod
     def defaults(cls, extra: Sequence[str] = ()) -> Bounds:
