@@ -137,10 +137,8 @@ class EtcdLeaseBackend:
         n, first = len(self.endpoints), self._current
         for i in range(n):
             idx = (first + i) % n
-            # Until this endpoint answers, the next call goes to the next one: a hung endpoint
-            # ends this call by a cancellation (the caller's deadline scope is usually the one
-            # that fires, so no handler here would run), and must not take the next call too.
-            self._current = (idx + 1) % n
+            self._current = idx
+            answered = False
             try:
                 with trio.fail_at(deadline):
                     for attempt in (1, 2):
@@ -151,7 +149,7 @@ class EtcdLeaseBackend:
                                 self._tokens.pop(idx, None)  # expired token: fetch a new one once
                                 continue
                             raise
-                        self._current = idx
+                        answered = True
                         return data
             except trio.TooSlowError as exc:
                 raise BackendUnavailable(f"etcd {self.endpoints[idx]}{path}: no answer by the deadline") from exc
@@ -160,15 +158,22 @@ class EtcdLeaseBackend:
                 self._tokens.pop(idx, None)
                 continue
             except httpx.HTTPError as exc:
-                self._current = idx  # it answered
+                answered = True
                 raise BackendUnavailable(f"etcd {self.endpoints[idx]}{path}: {type(exc).__name__}: {exc}") from exc
             except _EtcdError as exc:
-                self._current = idx  # it answered
+                answered = True
                 forbidden = exc.code in (_PERMISSION_DENIED, _UNAUTHENTICATED) or exc.status in (401, 403)
                 if exc.code == _NOT_FOUND and "lease" in str(exc):
                     self.lease_id = None
                     raise LeaseConflict(f"etcd: {exc}") from exc
                 raise BackendUnavailable(f"etcd {self.endpoints[idx]}{path}: {exc}", forbidden=forbidden) from exc
+            finally:
+                if not answered:
+                    # No answer (refused, hung, or this call cancelled by the caller's deadline,
+                    # which usually fires before ours, so no handler above runs): the next call
+                    # starts at the next endpoint. While a call is in flight, ``_current`` still
+                    # names the endpoint it went to.
+                    self._current = (idx + 1) % n
         raise BackendUnavailable(last)
 
     # -- records --------------------------------------------------------------------------
