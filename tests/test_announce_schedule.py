@@ -156,8 +156,10 @@ async def test_stop_is_acknowledged_and_nothing_is_sent_after(mock_clock):
             await trio.sleep(5.0)
             # a stop queued when the task is cancelled is acknowledged on the way out
             late = trio.Event()
-            await send.send(VipChange(True, "eth0", "acquired", 2))
-            await send.send(VipChange(False, "eth0", "lost", 2, late))
+            # Both queued before the announcer can run (send() is a checkpoint: the task could
+            # take the start and send a round before the stop is even queued).
+            send.send_nowait(VipChange(True, "eth0", "acquired", 2))
+            send.send_nowait(VipChange(False, "eth0", "lost", 2, late))
             nursery.cancel_scope.cancel()
     assert count > 20 and all(t <= acked_at for t, _i, _f in sent[:count])
     assert len(sent) == count  # the queued start was never acted on: the stop behind it won
