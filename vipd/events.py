@@ -54,10 +54,23 @@ class Fanout:
         return recv
 
     async def send(self, message: object) -> int:
-        """Deliver to every live subscriber; returns how many got it."""
+        """Deliver to every live subscriber; returns how many got it. Every subscriber with
+        room gets the message at once; only then does the sender wait for those whose buffer
+        is full, in subscription order, so one slow subscriber never delays the others'
+        copy of this message (it holds back the next one: per-subscriber order is kept)."""
         self.last = message
         delivered = 0
+        full: list[trio.MemorySendChannel] = []
         for sender in list(self._senders):
+            try:
+                sender.send_nowait(message)
+            except trio.WouldBlock:
+                full.append(sender)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._senders.remove(sender)
+            else:
+                delivered += 1
+        for sender in full:
             try:
                 await sender.send(message)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
