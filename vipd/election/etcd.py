@@ -8,7 +8,9 @@ Owns: translating the lease protocol into etcd calls and etcd/httpx errors into
              node's own or an orphaned record) → put ``<prefix>leader`` = node with that lease
              (a put moves the key off any lease it was on)
     renew    keep-alive of that lease (an expired lease answers 200 without TTL → lost), then
-             a read confirming the key is still this node's on this lease
+             a read confirming the key is still this node's on this lease; a keep-alive that
+             fails (no answer, error) falls back to a re-grant: acquire against the held
+             record, which moves the key onto a fresh lease only if nobody changed it
     release  revoke the lease: etcd deletes the key at once, watchers see it
     observe  read the key; ``version`` = mod_revision, ``term`` = create_revision
     wait_change  a streaming watch from the seen revision: a released or expired key wakes
@@ -242,7 +244,15 @@ class EtcdLeaseBackend:
         lease = self.lease_id
         if lease is None:
             raise LeaseConflict("etcd: no lease held")
-        data = await self._post("/v3/lease/keepalive", {"ID": lease}, deadline)
+        try:
+            data = await self._post("/v3/lease/keepalive", {"ID": lease}, deadline)
+        except BackendUnavailable:
+            # Keep-alives fail but etcd may still take writes (a lossy or half-broken path, a
+            # gateway that mishandles the streaming call): move the key onto a fresh lease, as
+            # acquire does, instead of stepping down at the renew deadline and retaking the
+            # same key a moment later (a VIP flap every renew deadline). Safe for the same
+            # reason acquire is: the new lease was granted inside this request.
+            return await self.acquire(held, deadline)
         result = data.get("result", data)
         try:
             ttl = int(result.get("TTL", 0)) if isinstance(result, dict) else 0
