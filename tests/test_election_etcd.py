@@ -139,6 +139,22 @@ async def test_election_over_tls_with_client_certificates(etcd_tls_server):  # n
     assert_spans_disjoint(leader_spans(electors))
 
 
+async def test_a_call_with_no_time_left_keeps_the_endpoint(etcd_server):  # noqa: F811
+    """A call made after its deadline (a renew's re-grant after a keep-alive that hung until
+    the deadline) sends nothing and must not move off the endpoint: only a call that got no
+    answer does. Two rotations for one hang would, with two endpoints, land on the hung one."""
+    from tests.etcd_fixtures import free_port
+
+    backend = EtcdLeaseBackend(make_cfg("a", [etcd_server.url, f"http://127.0.0.1:{free_port()}"],
+                                        fresh_prefix()))
+    with trio.fail_after(10):
+        with pytest.raises(BackendUnavailable, match="no time left"):
+            await backend.observe(trio.current_time())
+        assert backend._current == 0
+        assert await backend.observe(trio.current_time() + 2) is None
+        await backend.aclose()
+
+
 @pytest.mark.parametrize("fault", ["die", "hang"])
 async def test_first_endpoint_fails_while_leading(etcd_server, fault):  # noqa: F811
     """Endpoints [relay → etcd, etcd]: the relay dies (connections closed, then refused) or

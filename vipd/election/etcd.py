@@ -135,6 +135,10 @@ class EtcdLeaseBackend:
 
     async def _post(self, path: str, body: dict[str, Any], deadline: float) -> dict[str, Any]:
         """POST to the current endpoint, failing over to the next on connection errors."""
+        if trio.current_time() >= deadline:
+            # Nothing was sent, so nothing says the current endpoint is bad: keep it (a renew's
+            # re-grant after a keep-alive that used up the deadline must not rotate twice).
+            raise BackendUnavailable(f"etcd {path}: no time left before the deadline")
         last = "no endpoint"
         n, first = len(self.endpoints), self._current
         for i in range(n):
