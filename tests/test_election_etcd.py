@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import trio
+from structlog.testing import capture_logs
 
 from bench.election_timing import ElectorProc, assert_never_two_leaders, first_leader
 from tests.election_fixtures import (
@@ -275,7 +276,11 @@ async def test_keepalive_loss_regrants_without_stepping_down(etcd_server):  # no
     a = ElectorHarness("a", ca, KeepaliveLoss(ca), vip_gone=True, board=board)
     b = ElectorHarness("b", cb, EtcdLeaseBackend(cb), vip_gone=True, board=board)
     rd = ca.election.renew_deadline
-    with trio.fail_after(40):
+
+    def detours() -> list[tuple[str, str]]:
+        return [(e["event"], e["log_level"]) for e in logs if e["event"].startswith("election.renew_")]
+
+    with trio.fail_after(40), capture_logs() as logs:
         async with trio.open_nursery() as n:
             await n.start(a.run)
             await wait_for([a], lambda: a.leader)
@@ -288,7 +293,13 @@ async def test_keepalive_loss_regrants_without_stepping_down(etcd_server):  # no
             # then, so the key survives only on leases granted since.
             counts = await sample(electors, 2 * rd + a.backend.ttl + 0.5, step=0.005)
             still_leader, last_lease = a.leader, a.backend.lease_id
+            degraded = detours()
+            a.backend.lose = False
+            await wait_for(electors, lambda: len(detours()) > 1)
             n.cancel_scope.cancel()
+    # Logged when the detour starts and when it ends, not on every renew.
+    assert degraded == [("election.renew_degraded", "warning")]
+    assert detours() == [("election.renew_degraded", "warning"), ("election.renew_recovered", "info")]
     assert max(counts) <= 1
     assert_spans_disjoint(leader_spans(electors))
     assert still_leader and not b.leader

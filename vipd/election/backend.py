@@ -15,6 +15,9 @@ Rules every backend keeps:
   holder stopped renewing (etcd: the key lives on a TTL lease of at least lease_duration).
   Followers then take the lease only when the record is empty, never by the "unchanged for
   lease_duration" rule. Absent or False (Kubernetes Lease): the machine applies that rule.
+- Optional attribute ``renew_note`` (str | None): after a successful renew, why it took a
+  detour an operator should know about (etcd: keep-alives fail, the key was moved onto a fresh
+  lease); None when the renew was ordinary. The runner logs when a detour starts and ends.
 """
 
 from __future__ import annotations

@@ -83,6 +83,7 @@ class EtcdLeaseBackend:
         self._tokens: dict[int, str] = {}
         self._current = 0
         self.lease_id: str | None = None
+        self.renew_note: str | None = None  # why the last successful renew took a detour
         self._client = httpx.AsyncClient(verify=self._tls(e.ca, e.cert, e.key), timeout=None)
 
     @staticmethod
@@ -250,13 +251,15 @@ class EtcdLeaseBackend:
             raise LeaseConflict("etcd: no lease held")
         try:
             data = await self._post("/v3/lease/keepalive", {"ID": lease}, deadline)
-        except BackendUnavailable:
+        except BackendUnavailable as exc:
             # Keep-alives fail but etcd may still take writes (a lossy or half-broken path, a
             # gateway that mishandles the streaming call): move the key onto a fresh lease, as
             # acquire does, instead of stepping down at the renew deadline and retaking the
             # same key a moment later (a VIP flap every renew deadline). Safe for the same
             # reason acquire is: the new lease was granted inside this request.
-            return await self.acquire(held, deadline)
+            record = await self.acquire(held, deadline)
+            self.renew_note = f"keep-alive failed ({exc}); the key was moved onto a fresh lease"
+            return record
         result = data.get("result", data)
         try:
             ttl = int(result.get("TTL", 0)) if isinstance(result, dict) else 0
@@ -268,6 +271,7 @@ class EtcdLeaseBackend:
         kv = self._first_kv(await self._post("/v3/kv/range", {"key": self.key}, deadline))
         if kv is None or str(kv.get("lease")) != lease:
             raise LeaseConflict("etcd: the leader key is no longer on this node's lease")
+        self.renew_note = None
         return self._record(kv)
 
     async def release(self, held: LeaseRecord, deadline: float) -> None:

@@ -130,6 +130,7 @@ class _Election:
         self.down_since: float | None = None
         self.last_error = ""
         self.renew_failures_logged = 0
+        self.detour = False  # the backend's renews take a detour (see LeaseBackend renew_note)
 
     async def loop(self) -> None:
         outcome: Outcome | None = None
@@ -168,7 +169,9 @@ class _Election:
                     return Outcome.ok(started, await self.backend.observe(deadline))
                 if action is Action.ACQUIRE:
                     return Outcome.ok(started, await self.backend.acquire(record, deadline))
-                return Outcome.ok(started, await self.backend.renew(record, deadline))
+                renewed = await self.backend.renew(record, deadline)
+                self._note_detour()
+                return Outcome.ok(started, renewed)
         except trio.TooSlowError:
             self.last_error = f"{action.value}: no answer within {deadline - started:.3g}s"
             return Outcome(Result.TIMEOUT, started)
@@ -183,6 +186,17 @@ class _Election:
             return Outcome(Result.ERROR, started)
 
     # -- bookkeeping ----------------------------------------------------------------------
+
+    def _note_detour(self) -> None:
+        """Log when the backend's renews start and stop taking a detour (once each)."""
+        note = getattr(self.backend, "renew_note", None)
+        if bool(note) == self.detour:
+            return
+        self.detour = bool(note)
+        if note:
+            self.log.warning("election.renew_degraded", backend=self.name, detail=note)
+        else:
+            self.log.info("election.renew_recovered", backend=self.name)
 
     def _note_backend(self, now: float) -> None:
         up = self.m.backend_up
