@@ -93,6 +93,31 @@ def test_unauthorized_and_unreachable_are_api_errors(fake_apiserver: FakeApiServ
         asyncio.run(list_control_plane_nodes(fake_apiserver.kubeconfig, within=0.5))
 
 
+def test_relative_certificate_paths_are_read_beside_the_kubeconfig(
+        fake_apiserver: FakeApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kubeadm and kubectl resolve a kubeconfig's file paths against the kubeconfig's own
+    directory, not the working directory: vipd must too (client certificate and key here)."""
+    import yaml
+
+    conf_dir = tmp_path / "etc-kubernetes"
+    conf_dir.mkdir()
+    conf = fake_apiserver.write_kubeconfig(conf_dir / "admin.conf")
+    doc = yaml.safe_load(conf.read_text())
+    user = doc["users"][0]["user"]
+    for field in ("client-certificate", "client-key"):
+        source = Path(user[field])
+        (conf_dir / source.name).write_bytes(source.read_bytes())
+        user[field] = source.name  # relative
+    conf.write_text(yaml.safe_dump(doc))
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    fake_apiserver.set_node("cp1", "10.0.0.11")
+    assert asyncio.run(list_control_plane_nodes(str(conf))) == [("cp1", "10.0.0.11")]
+    configuration = asyncio.run(load_configuration(str(conf)))
+    assert configuration.cert_file == str(conf_dir / "fake-client.crt")
+
+
 def test_bad_kubeconfig_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(KubeConfigError, match="no such file"):
         asyncio.run(list_control_plane_nodes(str(tmp_path / "missing.conf")))

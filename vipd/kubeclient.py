@@ -33,6 +33,7 @@ import yaml
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.config.config_exception import ConfigException
+from kubernetes_asyncio.config.kube_config import KubeConfigLoader
 
 from vipd.errors import VipdError
 
@@ -56,17 +57,19 @@ async def load_configuration(kubeconfig: str, api_server: str | None = None) -> 
     configuration = k8s.Configuration()
     try:
         if kubeconfig:
-            # The loader reads the file synchronously anyway; a tiny local stat is fine.
+            # A small local file, read once, synchronously (the library's loader would too).
             if not os.path.isfile(kubeconfig):  # noqa: ASYNC240
                 raise FileNotFoundError(f"no such file: {kubeconfig}")
-            with open(kubeconfig, "rb") as fh:  # noqa: ASYNC230 (small local file, read once)
+            with open(kubeconfig, "rb") as fh:  # noqa: ASYNC230
                 doc = yaml.safe_load(fh)
             if not isinstance(doc, dict) or not doc.get("clusters"):
                 # e.g. systemd's placeholder credential while admin.conf does not exist yet
                 raise ValueError("not a kubeconfig (empty, or no clusters:)")
-            await k8s_config.load_kube_config(
-                config_file=kubeconfig, client_configuration=configuration, persist_config=False
-            )
+            # The document as read, with relative file paths resolved against the
+            # kubeconfig's directory (as kubectl does); no persister: never written back.
+            loader = KubeConfigLoader(config_dict=doc,
+                                      config_base_path=os.path.dirname(os.path.abspath(kubeconfig)))  # noqa: ASYNC240
+            await loader.load_and_set(configuration)
         else:
             k8s_config.load_incluster_config(client_configuration=configuration)
     except (ConfigException, OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
