@@ -144,6 +144,51 @@ async def test_refused_backend_is_retried_on_the_next_healthy_one() -> None:
     assert {e["backend"] for e in logs if e["event"] == "backend.down"} <= {backend_key(*dead)}
 
 
+async def test_a_timer_added_before_the_reactor_thread_waits_still_fires() -> None:
+    """A timer added from trio before the reactor thread reaches its first epoll_wait cannot
+    wake it (nothing waits yet): the thread must start with that timer's deadline, not block
+    for ever."""
+    from vipd.proxy.pump import PipePool, Reactor
+
+    pipes = PipePool()
+    reactor = Reactor(pipes)
+    fired = trio.Event()
+    with reactor.lock:
+        reactor.call_later(0.05, lambda: reactor.to_trio(fired.set))
+    try:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reactor.run)
+                await fired.wait()
+                nursery.cancel_scope.cancel()
+    finally:
+        pipes.close()
+
+
+async def test_a_failing_timer_is_contained_and_the_proxy_keeps_serving() -> None:
+    """A timer callback that raises (a bug in one connection's timeout handling) closes its
+    owner and is logged; the reactor thread lives on and new connections are served."""
+    host = loopback_address()
+    listener = await tcp_listener(host)
+    cfg = proxy_config([(host, listener_port(listener))])
+
+    def broken_timer() -> None:
+        raise RuntimeError("injected timer failure")
+
+    with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery, running_proxy(cfg, check=always_healthy) as (proxy, _):
+            nursery.start_soon(trio.serve_listeners, echo_handler, [listener])
+            with proxy.reactor.lock:
+                proxy.reactor.call_later(0, broken_timer)
+            await wait_until(lambda: any(e["event"] == "proxy.session_failed" for e in logs))
+            for i in range(3):
+                async with await trio.open_tcp_stream(cfg.proxy.bind_address, cfg.proxy.port) as c:
+                    assert await roundtrip(c, b"after %d" % i) == b"after %d" % i
+            nursery.cancel_scope.cancel()
+    failed = [e for e in logs if e["event"] == "proxy.session_failed"]
+    assert len(failed) == 1 and "injected timer failure" in failed[0]["error"]
+
+
 def _hanging_listener(host: str) -> tuple[socket.socket, list[socket.socket]]:
     """A listener whose accept queue is full: further SYNs are dropped, connects hang."""
     ls = socket.socket()

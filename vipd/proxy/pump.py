@@ -10,8 +10,8 @@ recv_into/send where splice is unavailable), EOF forwarded as shutdown(SHUT_WR) 
 other direction keeps flowing, resets propagated with SO_LINGER 0, socket tuning
 (TCP_NODELAY, keep-alive). Socket errors are translated here, once.
 
-Must never: choose backends, log, block, or raise out of an event callback (a session's error
-closes that session only). No SPLICE_F_MORE (it delays small messages by up to 200 ms).
+Must never: choose backends, log, block, or raise out of an event callback or a timer (an error
+closes its owner only: that session, connect or listener). No SPLICE_F_MORE (it delays small messages by up to 200 ms).
 
 Why a reactor instead of two trio tasks per connection: a trio wait re-arms epoll (one
 epoll_ctl) on every wake and costs a task switch; on the request/response path those were most
@@ -520,15 +520,25 @@ class Reactor:
         for session in list(self.sessions.values()):
             session.close(reason)  # Session or a watched handler (connect in progress)
 
-    def _fail(self, session: Any, exc: BaseException) -> None:
-        if isinstance(exc, Broken) and isinstance(session, Session):
-            # The survivor gets a reset too (SO_LINGER 0 on close).
-            other = session.ufd if exc.fd == session.cfd else session.cfd
-            session.close(f"reset: {exc}", reset=other)
-            return
-        session.close(f"error: {type(exc).__name__}: {exc}")
+    def _fail(self, owner: Any, exc: BaseException) -> None:
+        """An event handler or timer of ``owner`` (a Session, a connect in progress, a
+        listener; None: nobody) raised: close the owner, report anything but a peer's reset.
+        Never raises: the reactor thread must outlive any one connection's failure."""
+        try:
+            if isinstance(exc, Broken) and isinstance(owner, Session):
+                # The survivor gets a reset too (SO_LINGER 0 on close).
+                other = owner.ufd if exc.fd == owner.cfd else owner.cfd
+                owner.close(f"reset: {exc}", reset=other)
+                return
+            if owner is not None:
+                owner.close(f"error: {type(exc).__name__}: {exc}")
+        except Exception as again:  # closing failed too: report that one
+            exc = again
         if self.on_error is not None:
-            self.on_error(session, exc)
+            try:
+                self.on_error(owner, exc)
+            except Exception:
+                pass
 
     def _fire_timers(self) -> None:
         timers = self._timers
@@ -536,7 +546,10 @@ class Reactor:
         while timers and timers[0][0] <= now:
             _, _, fn = heapq.heappop(timers)
             if fn is not None:
-                fn()
+                try:
+                    fn()
+                except Exception as exc:  # contain, as for events: the timer's owner pays
+                    self._fail(getattr(fn, "__self__", None), exc)
         while timers and timers[0][2] is None:
             heapq.heappop(timers)
 
@@ -577,8 +590,14 @@ class Reactor:
         lock = self.lock
         inf = float("inf")
         with lock:
-            timeout = -1.0
-            self._next_wake = inf
+            # Timers added from trio before this thread got here did not wake it (it was not
+            # waiting yet): start with the earliest as the first timeout.
+            if timers:
+                self._next_wake = timers[0][0]
+                timeout = max(0.0, self._next_wake - time.monotonic())
+            else:
+                self._next_wake = inf
+                timeout = -1.0
         while True:
             events = poll(timeout, _MAX_EVENTS)
             with lock:
