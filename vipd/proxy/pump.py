@@ -580,6 +580,15 @@ class Reactor:
             self._stop = True
             os.eventfd_write(self._wake, 1)
 
+    def _arm(self) -> float:
+        """Under the lock: note when the next epoll_wait must return (the earliest timer) and
+        return its timeout (-1: none)."""
+        if self._timers:
+            self._next_wake = self._timers[0][0]
+            return max(0.0, self._next_wake - time.monotonic())
+        self._next_wake = float("inf")
+        return -1.0
+
     def _loop(self) -> None:
         """The reactor thread: one epoll_wait per wake (no trio round in between), dispatch
         under the lock, timers, then block again with the next timer as the timeout."""
@@ -588,16 +597,10 @@ class Reactor:
         sessions = self.sessions
         timers = self._timers
         lock = self.lock
-        inf = float("inf")
         with lock:
             # Timers added from trio before this thread got here did not wake it (it was not
             # waiting yet): start with the earliest as the first timeout.
-            if timers:
-                self._next_wake = timers[0][0]
-                timeout = max(0.0, self._next_wake - time.monotonic())
-            else:
-                self._next_wake = inf
-                timeout = -1.0
+            timeout = self._arm()
         while True:
             events = poll(timeout, _MAX_EVENTS)
             with lock:
@@ -617,9 +620,4 @@ class Reactor:
                     events = poll(0, _MAX_EVENTS) if len(events) == _MAX_EVENTS else None
                 if timers:
                     self._fire_timers()
-                if timers:
-                    self._next_wake = timers[0][0]
-                    timeout = max(0.0, self._next_wake - time.monotonic())
-                else:
-                    self._next_wake = inf
-                    timeout = -1.0
+                timeout = self._arm()
