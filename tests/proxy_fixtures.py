@@ -96,6 +96,15 @@ async def wait_until(predicate: Any, limit: float = 10.0) -> None:
             await trio.sleep(0.01)
 
 
+def tcp_listening(host: str, port: int) -> bool:
+    """Whether an IPv4 socket listens on host:port, read from /proc/net/tcp: no connection is
+    made (a probe connection would be a client to servers such as ``iperf3 -s -1``)."""
+    want = f"{int.from_bytes(socket.inet_aton(host), 'little'):08X}:{port:04X}"
+    with open("/proc/net/tcp") as fh:
+        next(fh)
+        return any(f[1] == want and f[3] == "0A" for f in (line.split() for line in fh))
+
+
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
