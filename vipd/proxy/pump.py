@@ -11,7 +11,8 @@ other direction keeps flowing, resets propagated with SO_LINGER 0, socket tuning
 (TCP_NODELAY, keep-alive). Socket errors are translated here, once.
 
 Must never: choose backends, log, block, or raise out of an event callback or a timer (an error
-closes its owner only: that session, connect or listener). No SPLICE_F_MORE (it delays small messages by up to 200 ms).
+closes its owner only: that session, connect or listener). No SPLICE_F_MORE (it delays small
+messages by up to 200 ms).
 
 Why a reactor instead of two trio tasks per connection: a trio wait re-arms epoll (one
 epoll_ctl) on every wake and costs a task switch; on the request/response path those were most
