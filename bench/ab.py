@@ -32,9 +32,9 @@ def _measure(mode: str, host: str, port: int, proc, streams: int) -> tuple[float
     cpu0 = bp.cpu_seconds(proc)
     if mode == "iperf":
         gbit = bp.iperf3(host, port, streams)
-        return gbit, (bp.cpu_seconds(proc) - cpu0) * 1e3 / (gbit * bp.DUR / 8)
+        return gbit, bp.cpu_ms_per_gb(bp.cpu_seconds(proc) - cpu0, gbit)
     w = bp.wrk(host, port, 32, close=True)
-    return w.rps, (bp.cpu_seconds(proc) - cpu0) * 1e6 / max(w.requests, 1)
+    return w.rps, bp.cpu_us_per_request(bp.cpu_seconds(proc) - cpu0, w.requests)
 
 
 def main(argv: list[str]) -> int:
@@ -58,11 +58,10 @@ def main(argv: list[str]) -> int:
         tmp = Path(tmpd)
         if args.mode == "iperf":
             port = bp.IPERF_PORT
-            stack.enter_context(bp._process(["iperf3", "-s", "-B", bp.BACKEND, "-p", str(port)], bp.BACKEND, port))
+            stack.enter_context(bp.iperf3_server())
         else:
             port = bp.NGINX_PORT
-            stack.enter_context(bp._process(["nginx", "-c", str(bp._nginx_conf(tmp)), "-p", str(tmp),
-                                             "-g", "daemon off;"], bp.BACKEND, port))
+            stack.enter_context(bp.nginx_server(tmp))
         at = {k: stack.enter_context(bp.running(k, tmp, port)) for k in kinds}
         for rnd in range(args.rounds):
             order = kinds[rnd % len(kinds):] + kinds[:rnd % len(kinds)]

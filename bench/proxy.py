@@ -33,6 +33,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -218,6 +219,27 @@ def cpu_seconds(proc: subprocess.Popen | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_ms_per_gb(cpu_s: float, gbit_per_s: float) -> float:
+    """Proxy CPU per GB moved in one iperf3 run of DUR seconds."""
+    return cpu_s * 1e3 / (gbit_per_s * DUR / 8)
+
+
+def cpu_us_per_request(cpu_s: float, requests: int) -> float:
+    return cpu_s * 1e6 / max(requests, 1)
+
+
+def iperf3_server() -> Any:
+    """The iperf3 server behind every proxy (context manager)."""
+    return _process(["iperf3", "-s", "-B", BACKEND, "-p", str(IPERF_PORT)], BACKEND, IPERF_PORT)
+
+
+def nginx_server(tmp: Path) -> Any:
+    """The nginx behind every proxy for the wrk runs (context manager; config under ``tmp``)."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    return _process([nginx, "-c", str(_nginx_conf(tmp)), "-p", str(tmp), "-g", "daemon off;"],
+                    BACKEND, NGINX_PORT)
+
+
 def _rss(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -335,12 +357,7 @@ def main(progress: Progress) -> str:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with tempfile.TemporaryDirectory(prefix="vipd-bench-") as tmpd:
         tmp = Path(tmpd)
-        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        with (
-            _process(["iperf3", "-s", "-B", BACKEND, "-p", str(IPERF_PORT)], BACKEND, IPERF_PORT),
-            _process([nginx, "-c", str(_nginx_conf(tmp)), "-p", str(tmp), "-g", "daemon off;"],
-                     BACKEND, NGINX_PORT),
-        ):
+        with iperf3_server(), nginx_server(tmp):
             say(f"iperf3 and nginx up; {ROUNDS} rounds, kinds interleaved, best round reported")
             with ExitStack() as stack:
                 at = {k: stack.enter_context(running(k, tmp, IPERF_PORT)) for k in KINDS}
@@ -352,7 +369,7 @@ def main(progress: Progress) -> str:
                             v = iperf3(host, port, streams)
                             samples[key][kind].append(v)
                             if streams == 1 and proc is not None:
-                                samples["cpu_gb"][kind].append((cpu_seconds(proc) - cpu0) * 1e3 / (v * DUR / 8))
+                                samples["cpu_gb"][kind].append(cpu_ms_per_gb(cpu_seconds(proc) - cpu0, v))
                             say(f"round {rnd + 1} {kind:14s} iperf3 -P{streams}: {v:.1f} Gbit/s")
             with ExitStack() as stack:
                 at = {k: stack.enter_context(running(k, tmp, NGINX_PORT)) for k in KINDS}
@@ -363,7 +380,7 @@ def main(progress: Progress) -> str:
                         w = wrk(host, port, 32, close=True)
                         samples["connrate"][kind].append(w.rps)
                         if proc is not None and w.requests:
-                            samples["cpu_conn"][kind].append((cpu_seconds(proc) - cpu0) * 1e6 / w.requests)
+                            samples["cpu_conn"][kind].append(cpu_us_per_request(cpu_seconds(proc) - cpu0, w.requests))
                         say(f"round {rnd + 1} {kind:14s} wrk close: {w.rps:.0f} conn/s (errors {w.errors})")
                         w = wrk(host, port, 64, close=False)
                         samples["ka_rps"][kind].append(w.rps)
